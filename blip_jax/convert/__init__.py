@@ -1,0 +1,39 @@
+"""PyTorch checkpoints -> blip_jax models.
+
+    model, config, report = blip_jax.convert.load_torch(source, task='caption')
+
+`source` is a checkpoint file (.pth / .pt / .bin / .safetensors), a HuggingFace model folder,
+or an in-memory state dict of torch tensors or numpy arrays.
+"""
+
+from __future__ import annotations
+
+from blip_jax.convert import blip as _blip
+from blip_jax.convert.readers import Checkpoint, read_checkpoint
+from blip_jax.convert.tree import ConversionError, Report
+
+BLIP_TASKS = ('feature_extractor', 'retrieval', 'caption', 'vqa', 'nlvr', 'pretrain')
+
+
+def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training_state: bool = False,
+               seed: int = 0, **config_overrides):
+  """Convert a PyTorch BLIP checkpoint into a blip_jax model.
+
+  Args:
+    source: path to a checkpoint file or HF folder, or a state dict.
+    task: one of BLIP_TASKS, or 'auto' to infer it from the checkpoint's keys.
+    strict: raise on checkpoint keys that the model does not read and no rule expects
+      (with strict=False they are listed in the report instead) and on missing weights.
+    keep_training_state: also load momentum encoders and feature queues.
+    **config_overrides: BlipConfig fields, e.g. `image_size=480` (position embeddings are
+      resized), `vision={'num_heads': 2}`, `text={'ln_eps': 1e-12}`.
+
+  Returns:
+    (model, config, report): the NNX model, its BlipConfig and a `Report` of every key.
+  """
+  ckpt = read_checkpoint(source)
+  return _blip.convert(ckpt, task, strict=strict, keep_training_state=keep_training_state,
+                       seed=seed, **config_overrides)
+
+
+__all__ = ['load_torch', 'read_checkpoint', 'Checkpoint', 'ConversionError', 'Report', 'BLIP_TASKS']

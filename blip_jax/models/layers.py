@@ -1,0 +1,101 @@
+"""Building blocks shared by every model family: attention, masks, MLP, initialisers.
+
+One attention function serves self-, cross- and causal attention; masks are built from
+per-token vectors (big_vision's `make_attn_mask` idea) and turned into the additive bias the
+originals use.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# The originals initialise weights with (truncated) normal std 0.02 and zero biases.
+INIT = jax.nn.initializers.truncated_normal(0.02)
+
+# BERT-family additive mask value: `(1 - mask) * -10000.0` (REFERENCE.md section 1).
+MASK_VALUE = -10000.0
+
+
+def gelu(x):
+  """Exact (erf) GELU, as in torch's `nn.GELU()`; Flax's default is the tanh form."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x):
+  """OpenAI CLIP's activation."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {'gelu': gelu, 'quick_gelu': quick_gelu, 'relu': jax.nn.relu}
+
+
+def linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype=None, use_bias=True) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, kernel_init=INIT, rngs=rngs)
+
+
+def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
+  # use_fast_variance=False: compute the variance as torch does, E[(x - mean)^2].
+  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
+
+
+def split_heads(x, num_heads: int):
+  """[B, T, H * D] -> [B, T, H, D]."""
+  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x):
+  """[B, T, H, D] -> [B, T, H * D]."""
+  return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def dot_product_attention(q, k, v, bias=None, dropout: nnx.Dropout | None = None):
+  """Softmax attention over [B, T, H, D] inputs; `bias` broadcasts to [B, H, Tq, Tk].
+
+  The softmax runs in float32 whatever the compute dtype, so bf16 training does not lose
+  the masked positions or overflow.
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  if dropout is not None:
+    probs = dropout(probs)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+def make_attn_mask(input_mask, mask_ar):
+  """Boolean [B, Tq=T, Tk=T] mask from per-token vectors (big_vision's PaliGemma rule).
+
+  `input_mask[b, t]` is 1 for real tokens. `mask_ar[b, t]` is 1 where token t starts a new
+  autoregressive block: a token attends to every valid token whose block index
+  (cumsum of mask_ar) is <= its own. All zeros gives bidirectional attention, all ones causal
+  attention, and a 0-prefix then ones gives prefix-LM attention. Only keys are masked, as in
+  BERT: padded query rows still compute, which keeps them equal to the PyTorch outputs.
+  """
+  input_mask = jnp.asarray(input_mask, bool)
+  blocks = jnp.cumsum(jnp.asarray(mask_ar, jnp.int32), axis=-1)
+  allowed = blocks[:, None, :] <= blocks[:, :, None]
+  return allowed & input_mask[:, None, :]
+
+
+def mask_to_bias(mask):
+  """Boolean keep-mask [B, Tk] or [B, Tq, Tk] -> additive bias broadcasting to [B, H, Tq, Tk]."""
+  mask = jnp.asarray(mask, jnp.float32)
+  if mask.ndim == 2:
+    mask = mask[:, None, :]
+  return (1.0 - mask[:, None, :, :]) * MASK_VALUE
+
+
+class Mlp(nnx.Module):
+  """fc1 -> activation -> fc2 (ViT blocks)."""
+
+  def __init__(self, dim: int, hidden: int, act: str, *, rngs: nnx.Rngs, dtype=None):
+    self.fc1 = linear(dim, hidden, rngs=rngs, dtype=dtype)
+    self.fc2 = linear(hidden, dim, rngs=rngs, dtype=dtype)
+    self.act = ACTIVATIONS[act]
+
+  def __call__(self, x):
+    return self.fc2(self.act(self.fc1(x)))

@@ -1,0 +1,174 @@
+"""Tiny PyTorch reference models and helpers shared by the tests.
+
+Sizes are odd on purpose (an FFN of 37, 2 heads of 12) so that a transposed or mis-split weight
+changes the numbers instead of cancelling out.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+import transformers
+
+TOL = 1e-5
+
+# Special tokens of the tiny vocabulary (the real ones are 101, 30522, 30523, 102).
+CLS, DEC, ENC, SEP, PAD, VOCAB = 2, 97, 98, 3, 0, 99
+
+VISION = dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+              image_size=32, patch_size=8, layer_norm_eps=1e-6)
+TEXT = dict(vocab_size=VOCAB, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=40, bos_token_id=DEC, sep_token_id=SEP,
+            pad_token_id=PAD, layer_norm_eps=1e-12)
+EMBED_DIM = 16
+
+# What `load_torch` cannot read from shapes alone for these tiny models (BLIP uses 64-dim heads).
+OVERRIDES = dict(vision={'num_heads': 2}, text={'num_heads': 2}, bos_token_id=DEC, enc_token_id=ENC,
+                 sep_token_id=SEP)
+
+
+def hf_config(**text_overrides) -> transformers.BlipConfig:
+  return transformers.BlipConfig(vision_config=VISION, text_config={**TEXT, **text_overrides},
+                                 image_text_hidden_size=EMBED_DIM)
+
+
+def build_hf(cls, seed=0, **text_overrides):
+  torch.manual_seed(seed)
+  model = cls(hf_config(**text_overrides)).eval()
+  # Random weights everywhere (HF zero-inits some biases and LayerNorms), so every tensor matters.
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+  model.tie_weights()
+  return model
+
+
+def images(batch=2, size=32, seed=1):
+  g = torch.Generator().manual_seed(seed)
+  return torch.randn(batch, 3, size, size, generator=g)
+
+
+def nhwc(x: torch.Tensor) -> np.ndarray:
+  return x.permute(0, 2, 3, 1).numpy()
+
+
+def text_batch(first_token=CLS):
+  """Two sequences, the second padded, as [B, T] ids and mask (torch)."""
+  ids = torch.tensor([[first_token, 5, 6, 7, 8, SEP], [first_token, 9, 10, SEP, PAD, PAD]])
+  return ids, (ids != PAD).long()
+
+
+def assert_close(actual, expected, name, atol=TOL):
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected.detach().numpy() if torch.is_tensor(expected) else expected, np.float64)
+  assert actual.shape == expected.shape, f'{name}: shape {actual.shape} != reference {expected.shape}'
+  err = np.abs(actual - expected).max()
+  assert err <= atol, f'{name}: max abs difference {err:.3g} > {atol}'
+
+
+# HF key -> original Salesforce key, written out from REFERENCE.md section 8 independently of
+# the converter's own table.
+_HF_TO_SALESFORCE = [
+    ('vision_model.embeddings.class_embedding', 'visual_encoder.cls_token'),
+    ('vision_model.embeddings.position_embedding', 'visual_encoder.pos_embed'),
+    ('vision_model.embeddings.patch_embedding', 'visual_encoder.patch_embed.proj'),
+    ('vision_model.post_layernorm', 'visual_encoder.norm'),
+    ('vision_model.encoder.layers', 'visual_encoder.blocks'),
+    ('layer_norm1', 'norm1'), ('layer_norm2', 'norm2'),
+    ('self_attn.qkv', 'attn.qkv'), ('self_attn.projection', 'attn.proj'),
+]
+
+
+def to_salesforce(state_dict) -> dict[str, torch.Tensor]:
+  """An HF BLIP state dict in the original layout: what `torch.save({'model': ...})` held."""
+  out = {}
+  for key, value in state_dict.items():
+    if key.endswith('cls.predictions.decoder.bias'):
+      continue  # the original keeps only `cls.predictions.bias`
+    for hf, sf in _HF_TO_SALESFORCE:
+      key = key.replace(hf, sf)
+    out[key] = value.clone()
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# NLVR2 encoder: a PyTorch statement of salesforce/BLIP `models/nlvr_encoder.py` (one layer of
+# self-attention, two cross-attentions whose outputs are averaged before `merge_from` and merged
+# by `merge_layer(cat(...))` from then on, FFN), built from HF's BLIP text blocks.
+from transformers.models.blip import modeling_blip_text as hf_text  # noqa: E402
+
+
+class TwinOutput(torch.nn.Module):
+  def __init__(self, h, merge, eps):
+    super().__init__()
+    self.dense0, self.dense1 = torch.nn.Linear(h, h), torch.nn.Linear(h, h)
+    self.merge_layer = torch.nn.Linear(2 * h, h) if merge else None
+    self.LayerNorm = torch.nn.LayerNorm(h, eps=eps)
+
+  def forward(self, x0, x1, residual):
+    x0, x1 = self.dense0(x0), self.dense1(x1)
+    x = self.merge_layer(torch.cat([x0, x1], -1)) if self.merge_layer is not None else (x0 + x1) / 2
+    return self.LayerNorm(x + residual)
+
+
+class TwinCross(torch.nn.Module):
+  def __init__(self, cfg, merge):
+    super().__init__()
+    self.self0 = hf_text.BlipTextSelfAttention(cfg, is_cross_attention=True)
+    self.self1 = hf_text.BlipTextSelfAttention(cfg, is_cross_attention=True)
+    self.output = TwinOutput(cfg.hidden_size, merge, cfg.layer_norm_eps)
+
+
+class NlvrLayer(torch.nn.Module):
+  def __init__(self, cfg, index, merge_from):
+    super().__init__()
+    self.attention = hf_text.BlipTextAttention(cfg)
+    self.crossattention = TwinCross(cfg, index >= merge_from)
+    self.intermediate = hf_text.BlipTextIntermediate(cfg)
+    self.output = hf_text.BlipTextOutput(cfg)
+
+  def forward(self, x, bias, images):
+    x = self.attention(x, attention_mask=bias)[0]
+    c0 = self.crossattention.self0(x, encoder_hidden_states=images[0])[0]
+    c1 = self.crossattention.self1(x, encoder_hidden_states=images[1])[0]
+    x = self.crossattention.output(c0, c1, x)
+    return self.output(self.intermediate(x), x)
+
+
+class NlvrReference(torch.nn.Module):
+  """BLIP_NLVR: HF BLIP ViT + the twin-cross-attention encoder + cls_head."""
+
+  def __init__(self, merge_from):
+    super().__init__()
+    cfg = hf_config()
+    tcfg = cfg.text_config
+    self.vision_model = transformers.BlipVisionModel(cfg.vision_config)
+    self.embeddings = hf_text.BlipTextEmbeddings(tcfg)
+    self.layer = torch.nn.ModuleList([NlvrLayer(tcfg, i, merge_from)
+                                      for i in range(tcfg.num_hidden_layers)])
+    h = tcfg.hidden_size
+    self.cls_head = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 2))
+
+  def forward(self, image0, image1, ids, mask):
+    ids = ids.clone()
+    ids[:, 0] = ENC
+    embeds = self.vision_model(torch.cat([image0, image1])).last_hidden_state
+    b = image0.shape[0]
+    bias = (1.0 - mask[:, None, None, :].float()) * -10000.0
+    x = self.embeddings(ids)
+    for layer in self.layer:
+      x = layer(x, bias, (embeds[:b], embeds[b:]))
+    return self.cls_head(x[:, 0])
+
+  def salesforce_state_dict(self):
+    out = {}
+    for key, value in self.state_dict().items():
+      if key.startswith('vision_model.'):
+        out.update(to_salesforce({key: value}))
+      elif key.startswith(('embeddings.', 'layer.')):
+        out['text_encoder.' + re.sub(r'^layer\.', 'encoder.layer.', key)] = value
+      else:
+        out[key] = value
+    return out
