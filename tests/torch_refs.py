@@ -85,8 +85,6 @@ def to_salesforce(state_dict) -> dict[str, torch.Tensor]:
   """An HF BLIP state dict in the original layout: what `torch.save({'model': ...})` held."""
   out = {}
   for key, value in state_dict.items():
-    if key.endswith('cls.predictions.decoder.bias'):
-      continue  # the original keeps only `cls.predictions.bias`
     for hf, sf in _HF_TO_SALESFORCE:
       key = key.replace(hf, sf)
     out[key] = value.clone()

@@ -59,9 +59,6 @@ def to_salesforce_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     new = key
     for pattern, repl in HF_RENAMES:
       new = re.sub(pattern, repl, new)
-    # HF keeps the decoder bias twice (decoder.bias is tied to predictions.bias).
-    if new.endswith('cls.predictions.decoder.bias'):
-      new = new.replace('decoder.bias', 'decoder_bias_copy')
     if new in out:
       raise ConversionError(f'two checkpoint keys map to {new!r}')
     out[new] = value
@@ -115,6 +112,8 @@ def infer_config(tensors, hf_config, task, overrides) -> blip_models.BlipConfig:
   extra = {}
   if 'vision_proj.weight' in t:
     extra['embed_dim'] = t['vision_proj.weight'].shape[0]
+  if 'image_queue' in t:
+    extra['queue_size'] = t['image_queue'].shape[1]
   if hf_config:
     vc, tc = hf_config.get('vision_config', {}), hf_config.get('text_config', {})
     for ours, theirs, src in (('num_heads', 'num_attention_heads', vc), ('ln_eps', 'layer_norm_eps', vc),
@@ -149,12 +148,12 @@ def infer_config(tensors, hf_config, task, overrides) -> blip_models.BlipConfig:
 
 
 def _tie_lm_heads(tensors, cfg, report):
-  """The LM head's vocabulary projection is the word-embedding matrix in BLIP: drop the copy
-  after checking that it really is one."""
+  """BLIP's LM head projects with the word-embedding matrix, and `decoder.bias` is
+  `predictions.bias`: drop these copies after checking that they really are copies."""
   for prefix in sorted({k.split('.cls.')[0] for k in tensors if '.cls.predictions.' in k}):
     emb_key = f'{prefix}.bert.embeddings.word_embeddings.weight'
     for key, ref in ((f'{prefix}.cls.predictions.decoder.weight', emb_key),
-                     (f'{prefix}.cls.predictions.decoder_bias_copy', f'{prefix}.cls.predictions.bias')):
+                     (f'{prefix}.cls.predictions.decoder.bias', f'{prefix}.cls.predictions.bias')):
       if key not in tensors:
         continue
       if key.endswith('decoder.weight') and not cfg.text.tie_word_embeddings:
