@@ -44,13 +44,17 @@ TRAINING_STATE = (r'(_m\.|^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr
 
 
 def detect_layout(keys) -> str:
-  if any(k.startswith('vision_model.') for k in keys):
+  keys = set(keys)
+  if any(k.startswith(('Qformer.', 'qformer.', 'query_tokens')) for k in keys):
+    raise ConversionError('this is a BLIP-2 checkpoint (it has a Q-Former), not a BLIP one')
+  if 'vision_model.encoder.layers.0.self_attn.qkv.weight' in keys:
     return 'huggingface'
-  if any(k.startswith('visual_encoder.') for k in keys):
+  if 'visual_encoder.blocks.0.attn.qkv.weight' in keys:
     return 'salesforce'
   sample = sorted(keys)[:5]
-  raise ConversionError(f'not a BLIP checkpoint: expected keys starting with "visual_encoder." '
-                        f'(Salesforce) or "vision_model." (HuggingFace), found e.g. {sample}')
+  raise ConversionError('not a BLIP checkpoint: expected a fused ViT qkv under '
+                        '"visual_encoder.blocks.0.attn.qkv.weight" (Salesforce) or '
+                        f'"vision_model.encoder.layers.0.self_attn.qkv.weight" (HuggingFace), found e.g. {sample}')
 
 
 def to_salesforce_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -96,7 +100,10 @@ def infer_config(tensors, hf_config, task, overrides) -> blip_models.BlipConfig:
                 depth=_count(keys, r'visual_encoder\.blocks\.(\d+)\.'),
                 mlp_dim=t['visual_encoder.blocks.0.mlp.fc1.weight'].shape[0],
                 num_heads=width // 64)  # BLIP ViTs use 64-dim heads
-  prefix = next(p for p in ('text_encoder.', 'text_decoder.bert.') if f'{p}embeddings.word_embeddings.weight' in t)
+  prefix = next((p for p in ('text_encoder.', 'text_decoder.bert.')
+                 if f'{p}embeddings.word_embeddings.weight' in t), None)
+  if prefix is None:
+    raise KeyError('text_encoder.embeddings.word_embeddings.weight')
   vocab, hidden = t[f'{prefix}embeddings.word_embeddings.weight'].shape
   text = dict(vocab_size=vocab, hidden_size=hidden, num_heads=hidden // 64,
               num_layers=_count(keys, re.escape(prefix) + r'encoder\.layer\.(\d+)\.'),
@@ -183,7 +190,10 @@ def convert(ckpt: Checkpoint, task: str = 'auto', *, strict: bool = True,
   has_momentum = any('_m.' in k for k in tensors)
   if keep_training_state:
     overrides.setdefault('with_momentum', True)
-  cfg = infer_config(tensors, ckpt.hf_config, task, overrides)
+  try:
+    cfg = infer_config(tensors, ckpt.hf_config, task, overrides)
+  except KeyError as e:
+    raise ConversionError(f'{ckpt.source}: cannot infer the BLIP config, key {e} is missing') from e
   report = Report(source=ckpt.source, layout=layout, task=task)
   _tie_lm_heads(tensors, cfg, report)
   model = blip_models.build(task, cfg, seed=seed)
