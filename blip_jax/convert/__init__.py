@@ -9,10 +9,12 @@ or an in-memory state dict of torch tensors or numpy arrays.
 from __future__ import annotations
 
 from blip_jax.convert import blip as _blip
+from blip_jax.convert import clip as _clip
 from blip_jax.convert.readers import Checkpoint, read_checkpoint
 from blip_jax.convert.tree import ConversionError, Report
 
 BLIP_TASKS = ('feature_extractor', 'retrieval', 'caption', 'vqa', 'nlvr', 'pretrain')
+TASKS = BLIP_TASKS + ('clip',)
 
 
 def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training_state: bool = False,
@@ -21,19 +23,27 @@ def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training
 
   Args:
     source: path to a checkpoint file or HF folder, or a state dict.
-    task: one of BLIP_TASKS, or 'auto' to infer it from the checkpoint's keys.
+    task: one of TASKS ('clip' for CLIP checkpoints), or 'auto' to infer it from the keys.
     strict: raise on checkpoint keys that the model does not read and no rule expects
       (with strict=False they are listed in the report instead) and on missing weights.
     keep_training_state: also load momentum encoders and feature queues.
-    **config_overrides: BlipConfig fields, e.g. `image_size=480` (position embeddings are
+    **config_overrides: config fields (BlipConfig, or CLIPConfig plus `act` for CLIP), e.g. `image_size=480` (position embeddings are
       resized), `vision={'num_heads': 2}`, `text={'ln_eps': 1e-12}`.
 
   Returns:
     (model, config, report): the NNX model, its BlipConfig and a `Report` of every key.
   """
   ckpt = read_checkpoint(source)
+  if task == 'clip' or (task == 'auto' and _looks_like_clip(ckpt.tensors)):
+    if keep_training_state:
+      raise ConversionError('CLIP checkpoints have no training state to keep')
+    return _clip.convert(ckpt, strict=strict, seed=seed, **config_overrides)
   return _blip.convert(ckpt, task, strict=strict, keep_training_state=keep_training_state,
                        seed=seed, **config_overrides)
 
 
-__all__ = ['load_torch', 'read_checkpoint', 'Checkpoint', 'ConversionError', 'Report', 'BLIP_TASKS']
+def _looks_like_clip(tensors) -> bool:
+  return 'visual.conv1.weight' in tensors or 'text_model.embeddings.token_embedding.weight' in tensors
+
+
+__all__ = ['load_torch', 'read_checkpoint', 'Checkpoint', 'ConversionError', 'Report', 'BLIP_TASKS', 'TASKS']

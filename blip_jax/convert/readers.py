@@ -23,6 +23,7 @@ class Checkpoint:
   tensors: dict[str, np.ndarray]
   source: str  # a path, or '<state dict>'
   hf_config: dict[str, Any] | None = None  # config.json of an HF folder
+  torchscript: bool = False  # a TorchScript archive (OpenAI's CLIP releases)
 
 
 def to_numpy(value) -> np.ndarray:
@@ -53,13 +54,21 @@ def _unwrap(obj: Mapping[str, Any], source: str) -> dict[str, Any]:
   return tensors
 
 
+def _is_torchscript(path: str) -> bool:
+  import zipfile
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    return any(name.endswith('constants.pkl') for name in z.namelist())
+
+
 def _load_pickle(path: str) -> dict[str, Any]:
   import torch
+  if _is_torchscript(path):
+    return torch.jit.load(path, map_location='cpu').state_dict()
   try:
     return torch.load(path, map_location='cpu', weights_only=True)
-  except RuntimeError as e:
-    if 'TorchScript' in str(e) or 'constants.pkl' in str(e):
-      return torch.jit.load(path, map_location='cpu').state_dict()
+  except Exception as e:  # noqa: BLE001 - any unpickling failure becomes one clear message
     raise ValueError(f'{path}: could not read the PyTorch checkpoint: {e}') from e
 
 
@@ -103,4 +112,5 @@ def read_checkpoint(source) -> Checkpoint:
         hf_config = json.load(f)
     path = os.path.join(path, found[0])
   tensors = _unwrap(_load_file(path), path)
-  return Checkpoint({k: to_numpy(v) for k, v in tensors.items()}, path, hf_config)
+  return Checkpoint({k: to_numpy(v) for k, v in tensors.items()}, path, hf_config,
+                    torchscript=os.path.isfile(path) and _is_torchscript(path))

@@ -1,8 +1,10 @@
-"""Vision Transformer encoder (BLIP's ViT-B/16 and ViT-L/16).
+"""Vision Transformer encoder: BLIP's ViT-B/16 and ViT-L/16, and CLIP's image tower as a
+variant (no patch bias, `ln_pre`, no final norm, QuickGELU).
 
 Attribute paths mirror salesforce/BLIP `models/vit.py` (`patch_embed.proj`, `cls_token`,
 `pos_embed`, `blocks[i].{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}`, `norm`), so a
-checkpoint key maps to a parameter by a rename of the leaf alone.
+BLIP checkpoint key maps to a parameter by a rename of the leaf alone; other families rename
+their keys to these names.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class ViTConfig:
   image_size: int = 224
   ln_eps: float = 1e-6
   act: str = 'gelu'
+  patch_bias: bool = True  # CLIP's conv1 has no bias
+  pre_norm: bool = False  # CLIP: LayerNorm `ln_pre` after the position embeddings
+  final_norm: bool = True  # BLIP: `norm` on every output token; CLIP applies ln_post outside
   drop_path_rate: float = 0.0
   # Rematerialise (gradient-checkpoint) the last `remat_layers` blocks: the originals'
   # `vit_grad_ckpt=True, vit_ckpt_layer=N`.
@@ -65,26 +70,26 @@ class Attention(nnx.Module):
     self.qkv = layers.linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
     self.proj = layers.linear(dim, dim, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x):
+  def __call__(self, x, bias=None):
     q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
     q, k, v = (layers.split_heads(t, self.num_heads) for t in (q, k, v))
-    return self.proj(layers.merge_heads(layers.dot_product_attention(q, k, v)))
+    return self.proj(layers.merge_heads(layers.dot_product_attention(q, k, v, bias)))
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block with stochastic depth."""
+  """Pre-norm transformer block with stochastic depth (also CLIP's text resblock)."""
 
-  def __init__(self, cfg: ViTConfig, drop_path: float, *, rngs: nnx.Rngs):
-    dtype = jnp.dtype(cfg.dtype)
-    self.norm1 = layers.layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, dtype=dtype)
-    self.attn = Attention(cfg.width, cfg.num_heads, rngs=rngs, dtype=dtype)
-    self.norm2 = layers.layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, dtype=dtype)
-    self.mlp = layers.Mlp(cfg.width, cfg.mlp_dim, cfg.act, rngs=rngs, dtype=dtype)
+  def __init__(self, width: int, num_heads: int, mlp_dim: int, *, ln_eps: float, act: str,
+               drop_path: float = 0.0, dtype=None, rngs: nnx.Rngs):
+    self.norm1 = layers.layer_norm(width, ln_eps, rngs=rngs, dtype=dtype)
+    self.attn = Attention(width, num_heads, rngs=rngs, dtype=dtype)
+    self.norm2 = layers.layer_norm(width, ln_eps, rngs=rngs, dtype=dtype)
+    self.mlp = layers.Mlp(width, mlp_dim, act, rngs=rngs, dtype=dtype)
     # Drop path = dropout of a whole sample's residual branch: one mask value per example.
     self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), deterministic=True, rngs=rngs)
 
-  def __call__(self, x):
-    x = x + self.drop_path(self.attn(self.norm1(x)))
+  def __call__(self, x, bias=None):
+    x = x + self.drop_path(self.attn(self.norm1(x), bias))
     return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -100,8 +105,8 @@ class PatchEmbed(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     p = cfg.patch_size
-    self.proj = nnx.Conv(3, cfg.width, (p, p), (p, p), padding='VALID', dtype=jnp.dtype(cfg.dtype),
-                         kernel_init=layers.INIT, rngs=rngs)
+    self.proj = nnx.Conv(3, cfg.width, (p, p), (p, p), padding='VALID', use_bias=cfg.patch_bias,
+                         dtype=jnp.dtype(cfg.dtype), kernel_init=layers.INIT, rngs=rngs)
 
 
 class VisionTransformer(nnx.Module):
@@ -113,10 +118,15 @@ class VisionTransformer(nnx.Module):
     self.patch_embed = PatchEmbed(cfg, rngs=rngs)
     self.cls_token = nnx.Param(layers.INIT(rngs.params(), (1, 1, cfg.width)))
     self.pos_embed = nnx.Param(layers.INIT(rngs.params(), (1, cfg.grid ** 2 + 1, cfg.width)))
+    if cfg.pre_norm:
+      self.ln_pre = layers.layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, dtype=dtype)
     # Stochastic depth grows linearly from 0 to drop_path_rate over the blocks.
     rates = np.linspace(0.0, cfg.drop_path_rate, cfg.depth)
-    self.blocks = nnx.List([Block(cfg, float(r), rngs=rngs) for r in rates])
-    self.norm = layers.layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, dtype=dtype)
+    self.blocks = nnx.List([
+        Block(cfg.width, cfg.num_heads, cfg.mlp_dim, ln_eps=cfg.ln_eps, act=cfg.act, drop_path=float(r),
+              dtype=dtype, rngs=rngs) for r in rates])
+    if cfg.final_norm:
+      self.norm = layers.layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, dtype=dtype)
 
   def __call__(self, images):
     cfg = self.config
@@ -127,10 +137,12 @@ class VisionTransformer(nnx.Module):
     x = x.reshape(x.shape[0], -1, cfg.width)
     cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, cfg.width))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+    if cfg.pre_norm:
+      x = self.ln_pre(x)
     first_remat = cfg.depth - cfg.remat_layers
     for i, block in enumerate(self.blocks):
       x = _run_block_remat(block, x) if i >= first_remat else block(x)
-    return self.norm(x)
+    return self.norm(x) if cfg.final_norm else x
 
 
 def _cubic_weights(in_size: int, out_size: int) -> np.ndarray:

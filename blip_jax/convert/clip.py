@@ -1,0 +1,157 @@
+"""CLIP checkpoints (OpenAI TorchScript / open_clip state dicts, HF `CLIPModel`) -> blip_jax CLIP.
+
+Every layout is renamed to the torch-style names of our modules (`visual.blocks.0.attn.qkv.weight`,
+`transformer.resblocks.0.norm1.weight`, ...), with HF's separate q/k/v fused and its
+projections transposed to OpenAI's `x @ P` convention; the config is inferred from shapes the
+way OpenAI's `build_model` does.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from blip_jax.convert.readers import Checkpoint
+from blip_jax.convert.tree import ConversionError, Report, Rules, assign
+from blip_jax.models import clip as clip_models
+from blip_jax.models.vit import resize_pos_embed
+
+_BLOCK_RENAMES = (
+    (r'\.ln_1\.', '.norm1.'), (r'\.ln_2\.', '.norm2.'),
+    (r'\.layer_norm1\.', '.norm1.'), (r'\.layer_norm2\.', '.norm2.'),
+    (r'\.attn\.in_proj_weight$', '.attn.qkv.weight'), (r'\.attn\.in_proj_bias$', '.attn.qkv.bias'),
+    (r'\.attn\.out_proj\.', '.attn.proj.'), (r'\.self_attn\.out_proj\.', '.attn.proj.'),
+    (r'\.mlp\.c_fc\.', '.mlp.fc1.'), (r'\.mlp\.c_proj\.', '.mlp.fc2.'),
+)
+OPENAI_RENAMES = (
+    (r'^visual\.conv1\.', 'visual.patch_embed.proj.'),
+    (r'^visual\.class_embedding$', 'visual.cls_token'),
+    (r'^visual\.positional_embedding$', 'visual.pos_embed'),
+    (r'^visual\.transformer\.resblocks\.', 'visual.blocks.'),
+) + _BLOCK_RENAMES
+HF_RENAMES = (
+    (r'^vision_model\.embeddings\.class_embedding$', 'visual.cls_token'),
+    (r'^vision_model\.embeddings\.patch_embedding\.', 'visual.patch_embed.proj.'),
+    (r'^vision_model\.embeddings\.position_embedding\.weight$', 'visual.pos_embed'),
+    (r'^vision_model\.pre_layrnorm\.', 'visual.ln_pre.'),
+    (r'^vision_model\.post_layernorm\.', 'visual.ln_post.'),
+    (r'^vision_model\.encoder\.layers\.', 'visual.blocks.'),
+    (r'^visual_projection\.weight$', 'visual.proj'),
+    (r'^text_model\.embeddings\.token_embedding\.', 'token_embedding.'),
+    (r'^text_model\.embeddings\.position_embedding\.weight$', 'positional_embedding'),
+    (r'^text_model\.encoder\.layers\.', 'transformer.resblocks.'),
+    (r'^text_model\.final_layer_norm\.', 'ln_final.'),
+    (r'^text_projection\.weight$', 'text_projection'),
+) + _BLOCK_RENAMES
+EXPECTED_UNUSED = (
+    (r'\.position_ids$', 'buffer (position indices), not a parameter'),
+    (r'^(input_resolution|context_length|vocab_size)$', 'OpenAI archive metadata, read from shapes'),
+    (r'attn_mask$', 'causal mask buffer, rebuilt by the model'),
+)
+
+
+def detect_layout(keys) -> str:
+  keys = set(keys)
+  if 'visual.conv1.weight' in keys and 'token_embedding.weight' in keys:
+    return 'openai'
+  if {'vision_model.embeddings.patch_embedding.weight',
+      'text_model.embeddings.token_embedding.weight'} <= keys:
+    return 'huggingface'
+  raise ConversionError('not a CLIP checkpoint: expected "visual.conv1.weight" + '
+                        '"token_embedding.weight" (OpenAI / open_clip) or "vision_model.*" + '
+                        f'"text_model.*" (HuggingFace CLIPModel), found e.g. {sorted(keys)[:5]}')
+
+
+def normalise(tensors: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
+  renames = OPENAI_RENAMES if layout == 'openai' else HF_RENAMES
+  out = {}
+  for key, value in tensors.items():
+    for pattern, repl in renames:
+      key = re.sub(pattern, repl, key)
+    out[key] = value
+  if layout == 'huggingface':
+    # Fuse q/k/v (rows [q; k; v], as OpenAI's in_proj) and turn Linear weights into x @ P.
+    for key in [k for k in out if '.self_attn.q_proj.' in k]:
+      fused = key.replace('.self_attn.q_proj.', '.attn.qkv.')
+      parts = [out.pop(key.replace('q_proj', name)) for name in ('q_proj', 'k_proj', 'v_proj')]
+      out[fused] = np.concatenate(parts, axis=0)
+    for key in ('visual.proj', 'text_projection'):
+      if key in out:
+        out[key] = out[key].T
+  for key, shape_fn in (('visual.cls_token', lambda a: a.reshape(1, 1, -1)),
+                        ('visual.pos_embed', lambda a: a.reshape(1, *a.shape[-2:]))):
+    if key in out:
+      out[key] = shape_fn(out[key])
+  return out
+
+
+def _count(keys, pattern) -> int:
+  idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+  return max(idx) + 1 if idx else 0
+
+
+def infer_config(t, hf_config, act, overrides) -> clip_models.CLIPConfig:
+  keys = list(t)
+  width, _, patch, _ = t['visual.patch_embed.proj.weight'].shape
+  grid = int(round((t['visual.pos_embed'].shape[1] - 1) ** 0.5))
+  vision = dict(width=width, patch_size=patch, image_size=grid * patch, num_heads=width // 64,
+                depth=_count(keys, r'visual\.blocks\.(\d+)\.'),
+                mlp_dim=t['visual.blocks.0.mlp.fc1.weight'].shape[0])
+  text_width = t['ln_final.weight'].shape[0]
+  text = dict(width=text_width, num_heads=text_width // 64,
+              num_layers=_count(keys, r'transformer\.resblocks\.(\d+)\.'),
+              context_length=t['positional_embedding'].shape[0],
+              vocab_size=t['token_embedding.weight'].shape[0])
+  if hf_config:
+    vc, tc = hf_config.get('vision_config', {}), hf_config.get('text_config', {})
+    vision.update({k: vc[h] for k, h in (('num_heads', 'num_attention_heads'), ('ln_eps', 'layer_norm_eps'),
+                                         ('act', 'hidden_act')) if h in vc})
+    text.update({k: tc[h] for k, h in (('num_heads', 'num_attention_heads'), ('ln_eps', 'layer_norm_eps'),
+                                       ('act', 'hidden_act')) if h in tc})
+    eos = tc.get('eos_token_id', 2)
+    text['eos_token_id'] = None if eos == 2 else eos  # HF: eos id 2 means the legacy argmax
+  if act is not None:
+    vision['act'] = text['act'] = act
+  if 'act' not in vision:
+    raise ConversionError('the activation cannot be read from a CLIP state dict: OpenAI weights use '
+                          "act='quick_gelu', open_clip models without '-quickgelu' use act='gelu'; "
+                          'pass act=... (TorchScript archives and HF folders need none)')
+  for d in (vision, text):
+    if d['act'] not in ('gelu', 'quick_gelu'):
+      raise ConversionError(f"unsupported CLIP activation {d['act']!r}")
+  overrides = dict(overrides)
+  vision.update(overrides.pop('vision', {}) or {})
+  if 'image_size' in overrides:
+    vision['image_size'] = overrides.pop('image_size')
+  text.update(overrides.pop('text', {}) or {})
+  try:
+    return clip_models.CLIPConfig(vision=clip_models.clip_vision_config(**vision),
+                                  text=clip_models.CLIPTextConfig(**text),
+                                  embed_dim=t['text_projection'].shape[1], **overrides)
+  except TypeError as e:
+    raise ConversionError(f'bad config override: {e}') from e
+
+
+def _resize_pos(array, target):
+  grid = int(round((target[1] - 1) ** 0.5))
+  old = int(round((array.shape[1] - 1) ** 0.5))
+  return resize_pos_embed(array, grid), f'position embedding resized {old}x{old} -> {grid}x{grid} (bicubic)'
+
+
+def convert(ckpt: Checkpoint, *, act: str | None = None, strict: bool = True, seed: int = 0,
+            **overrides):
+  """Build a CLIP model and fill it from `ckpt`. Returns (model, config, report)."""
+  layout = detect_layout(ckpt.tensors)
+  tensors = normalise(ckpt.tensors, layout)
+  if act is None and ckpt.torchscript:
+    act = 'quick_gelu'  # TorchScript archives are OpenAI's own releases
+  try:
+    cfg = infer_config(tensors, ckpt.hf_config, act, overrides)
+  except KeyError as e:
+    raise ConversionError(f'{ckpt.source}: cannot infer the CLIP config, key {e} is missing') from e
+  report = Report(source=ckpt.source, layout=layout, task='clip')
+  model = clip_models.build(cfg, seed=seed)
+  rules = Rules(expected_unused=EXPECTED_UNUSED, resize=((r'pos_embed$', _resize_pos),))
+  assign(model, tensors, rules, report, strict=strict)
+  return model, cfg, report

@@ -1,0 +1,160 @@
+"""CLIP (OpenAI / open_clip / HF `CLIPModel`): a ViT image tower and a causal text transformer.
+
+The image tower is the project's ViT in its CLIP variant (no patch bias, `ln_pre`, no final
+norm, QuickGELU or GELU) plus `ln_post` on the class token and the projection `proj`; the text
+tower reuses the same pre-norm block. Projections are used as `x @ P`, as OpenAI stores them.
+Attribute names follow the OpenAI module names (`token_embedding`, `positional_embedding`,
+`transformer.resblocks[i]`, `ln_final`, `text_projection`, `logit_scale`); inside the image
+tower they follow the shared ViT (`visual.blocks[i].attn.qkv`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from blip_jax.models import layers
+from blip_jax.models.vit import Block, ViTConfig, VisionTransformer
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+  vocab_size: int = 49408
+  width: int = 512
+  num_layers: int = 12
+  num_heads: int = 8
+  context_length: int = 77
+  ln_eps: float = 1e-5
+  act: str = 'quick_gelu'
+  # Pooling position: None = argmax of the token ids (OpenAI: EOT has the largest id), else the
+  # first occurrence of this id (HF configs with a corrected eos_token_id).
+  eos_token_id: int | None = None
+  dtype: str = 'float32'
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  vision: ViTConfig = ViTConfig()
+  text: CLIPTextConfig = CLIPTextConfig()
+  embed_dim: int = 512
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'CLIPConfig':
+    d = dict(d)
+    return cls(vision=ViTConfig(**d.pop('vision')), text=CLIPTextConfig(**d.pop('text')), **d)
+
+
+def clip_vision_config(**kw) -> ViTConfig:
+  return ViTConfig(**{'patch_bias': False, 'pre_norm': True, 'final_norm': False, 'ln_eps': 1e-5,
+                      'act': 'quick_gelu', **kw})
+
+
+# OpenAI's released architectures (text: width 512/768, 12 layers, heads = width / 64).
+CLIP_VARIANTS = {
+    'ViT-B/32': dict(vision=dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=32,
+                                 image_size=224), text=dict(width=512, num_heads=8), embed_dim=512),
+    'ViT-B/16': dict(vision=dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16,
+                                 image_size=224), text=dict(width=512, num_heads=8), embed_dim=512),
+    'ViT-L/14': dict(vision=dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, patch_size=14,
+                                 image_size=224), text=dict(width=768, num_heads=12), embed_dim=768),
+    'ViT-L/14-336': dict(vision=dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, patch_size=14,
+                                     image_size=336), text=dict(width=768, num_heads=12), embed_dim=768),
+}
+
+
+def clip_config(variant: str = 'ViT-B/16', *, vision: dict | None = None, text: dict | None = None,
+                **overrides) -> CLIPConfig:
+  """Named CLIP config ('ViT-B/32', 'ViT-B/16', 'ViT-L/14', 'ViT-L/14-336') with overrides."""
+  if variant not in CLIP_VARIANTS:
+    raise ValueError(f'unknown CLIP variant {variant!r}; expected one of {sorted(CLIP_VARIANTS)}')
+  base = CLIP_VARIANTS[variant]
+  return CLIPConfig(vision=clip_vision_config(**{**base['vision'], **(vision or {})}),
+                    text=CLIPTextConfig(**{**base['text'], **(text or {})}),
+                    **{'embed_dim': base['embed_dim'], **overrides})
+
+
+def l2_normalize(x):
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class CLIPVisual(VisionTransformer):
+  """The CLIP image tower: ViT tokens -> ln_post(class token) @ proj."""
+
+  def __init__(self, cfg: ViTConfig, embed_dim: int, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.ln_post = layers.layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, dtype=jnp.dtype(cfg.dtype))
+    self.proj = nnx.Param(layers.INIT(rngs.params(), (cfg.width, embed_dim)))
+
+  def features(self, images):
+    tokens = super().__call__(images)
+    return self.ln_post(tokens[:, 0]) @ self.proj[...].astype(tokens.dtype)
+
+
+class TextTransformer(nnx.Module):
+  def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs):
+    self.resblocks = nnx.List([
+        Block(cfg.width, cfg.num_heads, 4 * cfg.width, ln_eps=cfg.ln_eps, act=cfg.act,
+              dtype=jnp.dtype(cfg.dtype), rngs=rngs) for _ in range(cfg.num_layers)])
+
+
+class CLIP(nnx.Module):
+  """Two towers and the learned logit scale."""
+
+  def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    t, dtype = cfg.text, jnp.dtype(cfg.text.dtype)
+    self.visual = CLIPVisual(cfg.vision, cfg.embed_dim, rngs=rngs)
+    self.token_embedding = nnx.Embed(t.vocab_size, t.width, dtype=dtype, embedding_init=layers.INIT,
+                                     rngs=rngs)
+    self.positional_embedding = nnx.Param(layers.INIT(rngs.params(), (t.context_length, t.width)))
+    self.transformer = TextTransformer(t, rngs=rngs)
+    self.ln_final = layers.layer_norm(t.width, t.ln_eps, rngs=rngs, dtype=dtype)
+    self.text_projection = nnx.Param(layers.INIT(rngs.params(), (t.width, cfg.embed_dim)))
+    self.logit_scale = nnx.Param(jnp.array(jnp.log(1 / 0.07), jnp.float32))
+
+  def encode_image(self, images):
+    """Images [B, S, S, 3] (NHWC, CLIP-normalised) -> image embeddings [B, E] (not normalised)."""
+    return self.visual.features(images)
+
+  def encode_text(self, input_ids, attention_mask=None):
+    """Token ids [B, T] (T <= context_length) -> text embeddings [B, E] (not normalised).
+
+    Causal attention; the state at the end-of-text token is pooled (see CLIPTextConfig).
+    """
+    t = self.config.text
+    input_ids = jnp.asarray(input_ids)
+    length = input_ids.shape[1]
+    if length > t.context_length:
+      raise ValueError(f'text of {length} tokens is longer than the context length {t.context_length}')
+    x = self.token_embedding(input_ids) + self.positional_embedding[:length].astype(jnp.dtype(t.dtype))
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    bias = layers.mask_to_bias(layers.make_attn_mask(attention_mask, jnp.ones_like(input_ids)))
+    for block in self.transformer.resblocks:
+      x = block(x, bias)
+    x = self.ln_final(x)
+    if t.eos_token_id is None:
+      pool = jnp.argmax(input_ids, axis=-1)
+    else:
+      pool = jnp.argmax(input_ids == t.eos_token_id, axis=-1)
+    pooled = jnp.take_along_axis(x, pool[:, None, None], axis=1)[:, 0]
+    return pooled @ self.text_projection[...].astype(pooled.dtype)
+
+  def logits(self, image_embeds, text_embeds):
+    """logits_per_image [B_img, B_txt] = exp(logit_scale) * cosine."""
+    scale = jnp.exp(self.logit_scale[...])
+    return scale * l2_normalize(image_embeds) @ l2_normalize(text_embeds).T
+
+  def __call__(self, images, input_ids, attention_mask=None):
+    return self.logits(self.encode_image(images), self.encode_text(input_ids, attention_mask))
+
+
+def build(cfg: CLIPConfig, *, seed: int = 0) -> CLIP:
+  return CLIP(cfg, rngs=nnx.Rngs(seed))

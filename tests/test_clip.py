@@ -1,0 +1,186 @@
+"""CLIP against HF `CLIPModel` and an OpenAI-style TorchScript archive (random weights, fp32)."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from blip_jax.convert import ConversionError, load_torch
+from torch_refs import assert_close, nhwc
+
+VISION = dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+              image_size=32, patch_size=8)
+TEXT = dict(vocab_size=50, hidden_size=16, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=12)
+HEADS = dict(vision={'num_heads': 2}, text={'num_heads': 2})
+
+
+def _hf_clip(act, eos_token_id):
+  torch.manual_seed(0)
+  cfg = transformers.CLIPConfig(vision_config={**VISION, 'hidden_act': act},
+                                text_config={**TEXT, 'hidden_act': act, 'eos_token_id': eos_token_id},
+                                projection_dim=20)
+  model = transformers.CLIPModel(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+  return model
+
+
+# The first sequence ends with the largest id (OpenAI's EOT), the second is padded after eos=7.
+IDS = torch.tensor([[1, 5, 9, 3, 49], [1, 4, 7, 0, 0]])
+MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+
+
+@pytest.mark.parametrize('act,eos', [('quick_gelu', 2), ('gelu', 7)])
+def test_hf_clip_features_and_logits(tmp_path, act, eos):
+  hf = _hf_clip(act, eos)
+  hf.save_pretrained(tmp_path)  # config.json tells heads, eps, activation and eos handling
+  model, cfg, report = load_torch(tmp_path)
+  assert report.task == 'clip' and cfg.vision.act == act and cfg.text.act == act
+  g = torch.Generator().manual_seed(3)
+  x = torch.randn(3, 3, 32, 32, generator=g)
+  ids = IDS if eos == 2 else IDS.clone().index_put_((torch.tensor([0]), torch.tensor([4])), torch.tensor(7))
+  with torch.no_grad():
+    out = hf(input_ids=ids, pixel_values=x, attention_mask=MASK)
+  image = model.encode_image(nhwc(x))
+  text = model.encode_text(ids.numpy(), MASK.numpy())
+  with torch.no_grad():
+    ref_image = hf.get_image_features(pixel_values=x)
+    ref_text = hf.get_text_features(input_ids=ids, attention_mask=MASK)
+  ref_image = getattr(ref_image, 'pooler_output', ref_image)
+  ref_text = getattr(ref_text, 'pooler_output', ref_text)
+  assert_close(image, ref_image, 'image features')
+  assert_close(text, ref_text, 'text features')
+  assert_close(model.logits(image, text), out.logits_per_image, 'logits per image')
+
+
+def test_state_dict_without_activation_is_refused():
+  hf = _hf_clip('gelu', 7)
+  with pytest.raises(ConversionError, match="act='quick_gelu'"):
+    load_torch(hf.state_dict(), **HEADS)
+
+
+# ----------------------------------------------------------------------------------------------
+# A PyTorch statement of openai/CLIP `model.py` (ViT image tower), scripted and saved the way
+# OpenAI released its weights.
+
+
+class QuickGELU(torch.nn.Module):
+  def forward(self, x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(torch.nn.Module):
+  def __init__(self, width, heads, attn_mask=None):
+    super().__init__()
+    self.attn = torch.nn.MultiheadAttention(width, heads)
+    self.ln_1 = torch.nn.LayerNorm(width)
+    self.mlp = torch.nn.Sequential()
+    self.mlp.add_module('c_fc', torch.nn.Linear(width, 4 * width))
+    self.mlp.add_module('gelu', QuickGELU())
+    self.mlp.add_module('c_proj', torch.nn.Linear(4 * width, width))
+    self.ln_2 = torch.nn.LayerNorm(width)
+    self.attn_mask = attn_mask
+
+  def forward(self, x):
+    y = self.ln_1(x)
+    x = x + self.attn(y, y, y, need_weights=False, attn_mask=self.attn_mask)[0]
+    return x + self.mlp(self.ln_2(x))
+
+
+class OpenAIVisual(torch.nn.Module):
+  def __init__(self, size, patch, width, layers, heads, out):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(3, width, patch, patch, bias=False)
+    self.class_embedding = torch.nn.Parameter(torch.randn(width))
+    self.positional_embedding = torch.nn.Parameter(torch.randn((size // patch) ** 2 + 1, width))
+    self.ln_pre = torch.nn.LayerNorm(width)
+    self.transformer = torch.nn.Module()
+    self.transformer.resblocks = torch.nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+    self.ln_post = torch.nn.LayerNorm(width)
+    self.proj = torch.nn.Parameter(torch.randn(width, out))
+
+  def forward(self, x):
+    x = self.conv1(x).flatten(2).permute(0, 2, 1)
+    cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
+    x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
+    x = self.transformer.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2)
+    return self.ln_post(x[:, 0]) @ self.proj
+
+
+class OpenAICLIP(torch.nn.Module):
+  def __init__(self, ctx=8, vocab=40, width=16, layers=2, heads=2, embed=12):
+    super().__init__()
+    self.visual = OpenAIVisual(32, 8, 24, 2, 2, embed)
+    mask = torch.full((ctx, ctx), float('-inf')).triu_(1)
+    self.transformer = torch.nn.Module()
+    self.transformer.resblocks = torch.nn.Sequential(*[ResidualAttentionBlock(width, heads, mask) for _ in range(layers)])
+    self.token_embedding = torch.nn.Embedding(vocab, width)
+    self.positional_embedding = torch.nn.Parameter(torch.randn(ctx, width))
+    self.ln_final = torch.nn.LayerNorm(width)
+    self.text_projection = torch.nn.Parameter(torch.randn(width, embed))
+    self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+  def encode_text(self, text):
+    x = self.token_embedding(text) + self.positional_embedding
+    x = self.transformer.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2)
+    x = self.ln_final(x)
+    return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
+
+  def forward(self, image, text):
+    i, t = self.visual(image), self.encode_text(text)
+    i, t = i / i.norm(dim=1, keepdim=True), t / t.norm(dim=1, keepdim=True)
+    return self.logit_scale.exp() * i @ t.t()
+
+
+def test_openai_torchscript_archive(tmp_path):
+  torch.manual_seed(0)
+  ref = OpenAICLIP().eval()
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+  g = torch.Generator().manual_seed(4)
+  x = torch.randn(2, 3, 32, 32, generator=g)
+  text = torch.tensor([[1, 5, 9, 39, 0, 0, 0, 0], [1, 4, 7, 6, 8, 39, 0, 0]])  # 39 = EOT, the largest id
+  path = tmp_path / 'ViT-tiny.pt'
+  torch.jit.trace(ref, (x, text)).save(path)
+  with torch.no_grad():
+    ref_image, ref_text, ref_logits = ref.visual(x), ref.encode_text(text), ref(x, text)
+  model, cfg, report = load_torch(path, **HEADS)  # TorchScript: OpenAI weights, QuickGELU
+  assert report.layout == 'openai' and cfg.vision.act == 'quick_gelu'
+  image, txt = model.encode_image(nhwc(x)), model.encode_text(text.numpy())
+  assert_close(image, ref_image, 'image features')
+  assert_close(txt, ref_text, 'text features')
+  assert_close(model.logits(image, txt), ref_logits, 'logits')
+  # The same weights as a plain state dict need the activation stated.
+  with pytest.raises(ConversionError, match='pass act='):
+    load_torch(ref.state_dict(), **HEADS)
+  gelu_model, cfg, _ = load_torch(ref.state_dict(), act='gelu', **HEADS)
+  assert cfg.text.act == 'gelu'
+  assert np.abs(np.asarray(gelu_model.encode_text(text.numpy())) - ref_text.numpy()).max() > 1e-3
+
+
+def test_zero_shot_classification_matches_pytorch():
+  from blip_jax.zero_shot import classify, zero_shot_classifier
+  hf = _hf_clip('quick_gelu', 2)
+  model, _, _ = load_torch(hf.state_dict(), act='quick_gelu', **HEADS)
+  g = torch.Generator().manual_seed(5)
+  # 4 classes x 3 templates, prompts of 6 tokens ending in the EOT (largest id 49).
+  ids = torch.randint(1, 40, (4, 3, 6), generator=g)
+  ids[..., -1] = 49
+  x = torch.randn(5, 3, 32, 32, generator=g)
+  with torch.no_grad():
+    text = hf.get_text_features(input_ids=ids.reshape(12, 6))
+    image = hf.get_image_features(pixel_values=x)
+    text = getattr(text, 'pooler_output', text)
+    image = getattr(image, 'pooler_output', image)
+    text = torch.nn.functional.normalize(text, dim=-1).reshape(4, 3, -1).mean(1)
+    weights = torch.nn.functional.normalize(text, dim=-1).T
+    probs = (hf.logit_scale.exp() * torch.nn.functional.normalize(image, dim=-1) @ weights).softmax(-1)
+    ref_prob, ref_idx = probs.topk(3, dim=-1)
+  classifier = zero_shot_classifier(model, ids.numpy())
+  assert_close(classifier, weights, 'classifier weights')
+  idx, prob = classify(model, nhwc(x), classifier, k=3)
+  np.testing.assert_array_equal(idx, ref_idx.numpy())
+  assert_close(prob, ref_prob, 'top-k probabilities')
