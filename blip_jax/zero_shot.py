@@ -13,7 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from blip_jax.models.clip import CLIP, l2_normalize
+from blip_jax.models.clip import CLIP
+from blip_jax.models.layers import l2_normalize
 
 
 def zero_shot_classifier(model: CLIP, token_ids, attention_mask=None):

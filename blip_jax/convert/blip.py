@@ -7,17 +7,16 @@ config.json), then `tree.assign` copies the weights and reports every key.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import numpy as np
 from flax import nnx
 
 from blip_jax.convert.readers import Checkpoint
-from blip_jax.convert.tree import ConversionError, Report, Rules, assign
+from blip_jax.convert.tree import ConversionError, Report, Rules, assign, resize_vit_pos_embed
 from blip_jax.models import blip as blip_models
 from blip_jax.models.bert import BertConfig
-from blip_jax.models.vit import ViTConfig, resize_pos_embed
+from blip_jax.models.vit import ViTConfig
 
 # HuggingFace names -> original names (applied in order, on key prefixes / infixes).
 HF_RENAMES = (
@@ -172,11 +171,6 @@ def _tie_lm_heads(tensors, cfg, report):
       del tensors[key]
 
 
-def _resize_pos(array, target):
-  grid = int(round((target[1] - 1) ** 0.5))
-  old = int(round((array.shape[1] - 1) ** 0.5))
-  return resize_pos_embed(array, grid), f'position embedding resized {old}x{old} -> {grid}x{grid} (bicubic)'
-
 
 def convert(ckpt: Checkpoint, task: str = 'auto', *, strict: bool = True,
             keep_training_state: bool = False, seed: int = 0, **overrides):
@@ -209,7 +203,7 @@ def convert(ckpt: Checkpoint, task: str = 'auto', *, strict: bool = True,
       path_renames=((r'^cls_head\.layers\.', 'cls_head.'),),
       expected_unused=ALWAYS_UNUSED + (() if keep_training_state else (TRAINING_STATE,)),
       expected_missing=tuple(expected_missing),
-      resize=((r'pos_embed$', _resize_pos),),
+      resize=((r'pos_embed$', resize_vit_pos_embed),),
   )
   assign(model, tensors, rules, report, strict=strict)
   if cfg.with_momentum and not has_momentum:

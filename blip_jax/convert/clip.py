@@ -13,9 +13,8 @@ import re
 import numpy as np
 
 from blip_jax.convert.readers import Checkpoint
-from blip_jax.convert.tree import ConversionError, Report, Rules, assign
+from blip_jax.convert.tree import ConversionError, Report, Rules, assign, resize_vit_pos_embed
 from blip_jax.models import clip as clip_models
-from blip_jax.models.vit import resize_pos_embed
 
 _BLOCK_RENAMES = (
     (r'\.ln_1\.', '.norm1.'), (r'\.ln_2\.', '.norm2.'),
@@ -133,11 +132,6 @@ def infer_config(t, hf_config, act, overrides) -> clip_models.CLIPConfig:
     raise ConversionError(f'bad config override: {e}') from e
 
 
-def _resize_pos(array, target):
-  grid = int(round((target[1] - 1) ** 0.5))
-  old = int(round((array.shape[1] - 1) ** 0.5))
-  return resize_pos_embed(array, grid), f'position embedding resized {old}x{old} -> {grid}x{grid} (bicubic)'
-
 
 def convert(ckpt: Checkpoint, *, act: str | None = None, strict: bool = True, seed: int = 0,
             **overrides):
@@ -152,6 +146,6 @@ def convert(ckpt: Checkpoint, *, act: str | None = None, strict: bool = True, se
     raise ConversionError(f'{ckpt.source}: cannot infer the CLIP config, key {e} is missing') from e
   report = Report(source=ckpt.source, layout=layout, task='clip')
   model = clip_models.build(cfg, seed=seed)
-  rules = Rules(expected_unused=EXPECTED_UNUSED, resize=((r'pos_embed$', _resize_pos),))
+  rules = Rules(expected_unused=EXPECTED_UNUSED, resize=((r'pos_embed$', resize_vit_pos_embed),))
   assign(model, tensors, rules, report, strict=strict)
   return model, cfg, report

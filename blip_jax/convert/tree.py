@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from blip_jax.models.vit import resize_pos_embed
+
 LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight'}
 
 
@@ -94,6 +96,13 @@ class Rules:
   expected_missing: tuple[tuple[str, str], ...] = ()
   # Reshape hooks: model path regex -> fn(array, target_shape) -> (array, description).
   resize: tuple[tuple[str, Callable], ...] = ()
+
+
+def resize_vit_pos_embed(array, target):
+  """`Rules.resize` hook: a ViT position embedding [1, 1 + g*g, D] to the model's grid."""
+  grid = int(round((target[1] - 1) ** 0.5))
+  old = int(round((array.shape[1] - 1) ** 0.5))
+  return resize_pos_embed(array, grid), f'position embedding resized {old}x{old} -> {grid}x{grid} (bicubic)'
 
 
 def _first_match(rules, key):

@@ -68,11 +68,6 @@ def blip_config(vit: str = 'base', image_size: int = 384, *, vision: dict | None
   return BlipConfig(vision=vision_cfg, text=text_cfg, **overrides)
 
 
-def l2_normalize(x, eps=1e-12):
-  """torch's F.normalize: x / max(||x||, eps)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
 def set_first_token(input_ids, token_id: int):
   return jnp.asarray(input_ids).at[:, 0].set(token_id)
 
@@ -81,28 +76,34 @@ class Queue(nnx.Variable):
   """Feature queues and their pointer: model state that is neither trained nor a Param."""
 
 
-class BlipFeatureExtractor(nnx.Module):
-  """BLIP_Base: the ViT and the MED encoder."""
+class _WithImageEncoder(nnx.Module):
+  """Every BLIP task model: the config and the ViT `visual_encoder`."""
 
   def __init__(self, cfg: BlipConfig, *, rngs: nnx.Rngs):
     self.config = cfg
     self.visual_encoder = VisionTransformer(cfg.vision, rngs=rngs)
-    self.text_encoder = BertModel(cfg.text, rngs=rngs)
 
   def image_embeds(self, images):
     """Images [B, S, S, 3] -> ViT token states [B, 1 + N, D_v]."""
     return self.visual_encoder(images)
+
+
+class BlipFeatureExtractor(_WithImageEncoder):
+  """BLIP_Base: the ViT and the MED encoder."""
+
+  def __init__(self, cfg: BlipConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.text_encoder = BertModel(cfg.text, rngs=rngs)
 
   def text_embeds(self, input_ids, attention_mask=None):
     """Unimodal text states [B, T, H] (text mode, `[CLS]` kept)."""
     return self.text_encoder(input_ids, attention_mask, mode='text')
 
   def multimodal_embeds(self, image_embeds, input_ids, attention_mask=None):
-    """Image-grounded text states [B, T, H]: `[ENC]` first, cross-attention to the image."""
-    image_mask = jnp.ones(image_embeds.shape[:2], jnp.int32)
+    """Image-grounded text states [B, T, H]: `[ENC]` first, cross-attention to the image
+    (`image_embeds` may be a list of two for the NLVR2 encoder)."""
     return self.text_encoder(set_first_token(input_ids, self.config.enc_token_id), attention_mask,
-                             mode='multimodal', encoder_hidden_states=image_embeds,
-                             encoder_attention_mask=image_mask)
+                             mode='multimodal', encoder_hidden_states=image_embeds)
 
 
 class BlipRetrieval(BlipFeatureExtractor):
@@ -134,8 +135,8 @@ class BlipRetrieval(BlipFeatureExtractor):
       nnx.update(momentum, nnx.state(online, nnx.Param))  # the originals' copy_params()
     key_i, key_t = jax.random.split(rngs.params())
     shape = (cfg.embed_dim, cfg.queue_size)
-    self.image_queue = Queue(l2_normalize(jax.random.normal(key_i, shape).T).T)
-    self.text_queue = Queue(l2_normalize(jax.random.normal(key_t, shape).T).T)
+    self.image_queue = Queue(layers.l2_normalize(jax.random.normal(key_i, shape).T).T)
+    self.text_queue = Queue(layers.l2_normalize(jax.random.normal(key_t, shape).T).T)
     if self.with_idx_queue:
       self.idx_queue = Queue(jnp.full((1, cfg.queue_size), -100, jnp.int32))
     setattr(self, self.queue_pointer_name, Queue(jnp.zeros((1,), jnp.int32)))
@@ -154,11 +155,11 @@ class BlipRetrieval(BlipFeatureExtractor):
 
   def image_features(self, image_embeds):
     """ITC image features [B, embed_dim]: normalize(vision_proj(CLS))."""
-    return l2_normalize(self.vision_proj(image_embeds[:, 0]))
+    return layers.l2_normalize(self.vision_proj(image_embeds[:, 0]))
 
   def text_features(self, text_embeds):
     """ITC text features [B, embed_dim]: normalize(text_proj(CLS))."""
-    return l2_normalize(self.text_proj(text_embeds[:, 0]))
+    return layers.l2_normalize(self.text_proj(text_embeds[:, 0]))
 
   def temperature(self):
     """The learned temperature, clamped to [0.001, 0.5] as the originals do before use."""
@@ -178,22 +179,17 @@ class BlipRetrieval(BlipFeatureExtractor):
     return self.itm_head(states[:, 0]).astype(jnp.float32)
 
 
-class BlipCaptioner(nnx.Module):
+class BlipCaptioner(_WithImageEncoder):
   """BLIP_Decoder (HF `BlipForConditionalGeneration`): the ViT and the MED decoder."""
 
   def __init__(self, cfg: BlipConfig, *, rngs: nnx.Rngs):
-    self.config = cfg
-    self.visual_encoder = VisionTransformer(cfg.vision, rngs=rngs)
+    super().__init__(cfg, rngs=rngs)
     self.text_decoder = BertLMHeadModel(cfg.text, rngs=rngs)
-
-  def image_embeds(self, images):
-    return self.visual_encoder(images)
 
   def __call__(self, image_embeds, input_ids, attention_mask=None):
     """Teacher-forced logits [B, T, V]; the first token is replaced by `[DEC]`."""
-    image_mask = jnp.ones(image_embeds.shape[:2], jnp.int32)
     return self.text_decoder(set_first_token(input_ids, self.config.bos_token_id), attention_mask,
-                             image_embeds, image_mask)
+                             image_embeds)
 
   def loss(self, image_embeds, input_ids, attention_mask, prompt_length: int = 0):
     """Caption LM loss: pads and the first `prompt_length` tokens (the prompt) are ignored."""
@@ -203,24 +199,16 @@ class BlipCaptioner(nnx.Module):
     return lm_loss(logits, labels, label_smoothing=self.config.text.label_smoothing)
 
 
-class BlipVQA(nnx.Module):
+class BlipVQA(BlipFeatureExtractor):
   """BLIP_VQA (HF `BlipForQuestionAnswering`): answers are decoded from the question states."""
 
   def __init__(self, cfg: BlipConfig, *, rngs: nnx.Rngs):
-    self.config = cfg
-    self.visual_encoder = VisionTransformer(cfg.vision, rngs=rngs)
-    self.text_encoder = BertModel(cfg.text, rngs=rngs)
+    super().__init__(cfg, rngs=rngs)
     self.text_decoder = BertLMHeadModel(cfg.text, rngs=rngs)
-
-  def image_embeds(self, images):
-    return self.visual_encoder(images)
 
   def question_states(self, image_embeds, question_ids, question_mask=None):
     """Image-grounded question states [B, Tq, H] (`[ENC]` first)."""
-    image_mask = jnp.ones(image_embeds.shape[:2], jnp.int32)
-    return self.text_encoder(set_first_token(question_ids, self.config.enc_token_id), question_mask,
-                             mode='multimodal', encoder_hidden_states=image_embeds,
-                             encoder_attention_mask=image_mask)
+    return self.multimodal_embeds(image_embeds, question_ids, question_mask)
 
   def answer_logits(self, question_states, question_mask, answer_ids, answer_mask=None):
     """Teacher-forced answer logits [B, Ta, V] (`[DEC]` first, cross-attention to the question)."""
@@ -245,16 +233,13 @@ class BlipVQA(nnx.Module):
     return (weights.reshape(-1) * seq_loss).sum() / b
 
 
-class BlipNLVR(nnx.Module):
+class BlipNLVR(BlipFeatureExtractor):
   """BLIP_NLVR: one statement, two images, a two-way classifier on the `[ENC]` state."""
 
   def __init__(self, cfg: BlipConfig, *, rngs: nnx.Rngs):
-    if not cfg.text.twin_cross_attention:
-      cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, twin_cross_attention=True))
-    self.config = cfg
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, twin_cross_attention=True))
+    super().__init__(cfg, rngs=rngs)
     h = cfg.text.hidden_size
-    self.visual_encoder = VisionTransformer(cfg.vision, rngs=rngs)
-    self.text_encoder = BertModel(cfg.text, rngs=rngs)
     self.cls_head = nnx.Sequential(layers.linear(h, h, rngs=rngs), jax.nn.relu,
                                    layers.linear(h, 2, rngs=rngs))
 
@@ -262,11 +247,7 @@ class BlipNLVR(nnx.Module):
     """Logits [B, 2] (index 1 = true)."""
     b = images0.shape[0]
     image_embeds = self.visual_encoder(jnp.concatenate([images0, images1], axis=0))
-    image_mask = jnp.ones((b, image_embeds.shape[1]), jnp.int32)
-    states = self.text_encoder(set_first_token(input_ids, self.config.enc_token_id), attention_mask,
-                               mode='multimodal',
-                               encoder_hidden_states=[image_embeds[:b], image_embeds[b:]],
-                               encoder_attention_mask=[image_mask, image_mask])
+    states = self.multimodal_embeds([image_embeds[:b], image_embeds[b:]], input_ids, attention_mask)
     return self.cls_head(states[:, 0]).astype(jnp.float32)
 
 
@@ -290,9 +271,8 @@ class BlipPretrain(BlipRetrieval):
 
   def decoder_logits(self, image_embeds, input_ids, attention_mask=None):
     """Teacher-forced LM logits [B, T, V] of the tied decoder (`[DEC]` first)."""
-    image_mask = jnp.ones(image_embeds.shape[:2], jnp.int32)
     return self.text_decoder(set_first_token(input_ids, self.config.bos_token_id), attention_mask,
-                             image_embeds, image_mask)
+                             image_embeds)
 
 
 TASKS = {

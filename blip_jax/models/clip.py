@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -78,10 +77,6 @@ def clip_config(variant: str = 'ViT-B/16', *, vision: dict | None = None, text: 
   return CLIPConfig(vision=clip_vision_config(**{**base['vision'], **(vision or {})}),
                     text=CLIPTextConfig(**{**base['text'], **(text or {})}),
                     **{'embed_dim': base['embed_dim'], **overrides})
-
-
-def l2_normalize(x):
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 class CLIPVisual(VisionTransformer):
@@ -150,7 +145,7 @@ class CLIP(nnx.Module):
   def logits(self, image_embeds, text_embeds):
     """logits_per_image [B_img, B_txt] = exp(logit_scale) * cosine."""
     scale = jnp.exp(self.logit_scale[...])
-    return scale * l2_normalize(image_embeds) @ l2_normalize(text_embeds).T
+    return scale * layers.l2_normalize(image_embeds) @ layers.l2_normalize(text_embeds).T
 
   def __call__(self, images, input_ids, attention_mask=None):
     return self.logits(self.encode_image(images), self.encode_text(input_ids, attention_mask))

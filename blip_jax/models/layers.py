@@ -40,6 +40,11 @@ def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype=None) -> nnx.Layer
   return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
 
 
+def l2_normalize(x, eps=1e-12):
+  """torch's F.normalize: x / max(||x||, eps)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
 def split_heads(x, num_heads: int):
   """[B, T, H * D] -> [B, T, H, D]."""
   return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
