@@ -84,3 +84,16 @@ def test_large_variant_sizes():
   cfg = vit.vit_config('large', image_size=384)
   assert dataclasses.astuple(cfg)[:4] == (1024, 24, 16, 4096) and cfg.drop_path_rate == 0.1
   assert cfg.grid == 24
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  x = jnp.asarray(nhwc(images()))
+  ref = vit.VisionTransformer(_tiny(), rngs=nnx.Rngs(0))
+  bf16 = vit.VisionTransformer(_tiny(dtype='bfloat16'), rngs=nnx.Rngs(0))
+  dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(bf16, nnx.Param))}
+  assert dtypes == {jnp.dtype('float32')}
+  out = bf16(x)
+  assert out.dtype == jnp.bfloat16
+  # bf16 keeps ~3 significant digits: close to the fp32 result, but not equal to it.
+  err = np.abs(np.asarray(out, np.float32) - np.asarray(ref(x))).max()
+  assert 0 < err < 0.1, err
