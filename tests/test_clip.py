@@ -184,3 +184,48 @@ def test_zero_shot_classification_matches_pytorch():
   idx, prob = classify(model, nhwc(x), classifier, k=3)
   np.testing.assert_array_equal(idx, ref_idx.numpy())
   assert_close(prob, ref_prob, 'top-k probabilities')
+
+
+def test_hf_chinese_clip(tmp_path):
+  torch.manual_seed(0)
+  cfg = transformers.ChineseCLIPConfig(
+      vision_config=VISION,
+      text_config=dict(vocab_size=60, hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=20, type_vocab_size=2),
+      projection_dim=20)
+  hf = transformers.ChineseCLIPModel(cfg).eval()
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+  hf.save_pretrained(tmp_path)
+  model, cfg, report = load_torch(tmp_path)
+  assert report.layout == 'huggingface-chinese-clip' and cfg.vision.act == 'quick_gelu'
+  g = torch.Generator().manual_seed(6)
+  x = torch.randn(2, 3, 32, 32, generator=g)
+  ids = torch.tensor([[2, 11, 12, 13, 3], [2, 14, 3, 0, 0]])
+  mask = (ids != 0).long()
+  with torch.no_grad():
+    out = hf(input_ids=ids, pixel_values=x, attention_mask=mask)
+    ref_image = hf.get_image_features(pixel_values=x)
+    ref_text = hf.get_text_features(input_ids=ids, attention_mask=mask)
+  ref_image = getattr(ref_image, 'pooler_output', ref_image)
+  ref_text = getattr(ref_text, 'pooler_output', ref_text)
+  image, text = model.encode_image(nhwc(x)), model.encode_text(ids.numpy(), mask.numpy())
+  assert_close(image, ref_image, 'image features')
+  assert_close(text, ref_text, 'text features')
+  assert_close(model.logits(image, text), out.logits_per_image, 'logits per image')
+
+
+def test_named_configs_and_resized_image_size():
+  from blip_jax.models import clip
+  cfg = clip.clip_config('ViT-L/14-336')
+  assert (cfg.vision.width, cfg.vision.patch_size, cfg.vision.grid, cfg.text.width, cfg.embed_dim) == (
+      1024, 14, 24, 768, 768)
+  assert cfg.vision.act == 'quick_gelu' and not cfg.vision.patch_bias and cfg.vision.pre_norm
+  hf = _hf_clip('quick_gelu', 2)
+  model, cfg, report = load_torch(hf.state_dict(), act='quick_gelu', image_size=48, **HEADS)
+  assert 'visual.pos_embed' in report.resized
+  x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(7))
+  with torch.no_grad():
+    ref = hf.get_image_features(pixel_values=x, interpolate_pos_encoding=True)
+  assert_close(model.encode_image(nhwc(x)), getattr(ref, 'pooler_output', ref), 'image features at 48 px')

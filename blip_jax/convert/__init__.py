@@ -43,7 +43,9 @@ def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training
 
 
 def _looks_like_clip(tensors) -> bool:
-  return 'visual.conv1.weight' in tensors or 'text_model.embeddings.token_embedding.weight' in tensors
+  return 'visual.conv1.weight' in tensors or (
+      'vision_model.embeddings.patch_embedding.weight' in tensors
+      and 'vision_model.pre_layrnorm.weight' in tensors)  # HF CLIP and Chinese-CLIP, not BLIP
 
 
 __all__ = ['load_torch', 'read_checkpoint', 'Checkpoint', 'ConversionError', 'Report', 'BLIP_TASKS', 'TASKS']

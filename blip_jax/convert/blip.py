@@ -13,7 +13,8 @@ import numpy as np
 from flax import nnx
 
 from blip_jax.convert.readers import Checkpoint
-from blip_jax.convert.tree import ConversionError, Report, Rules, assign, resize_vit_pos_embed
+from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, count_indexed,
+                                   resize_vit_pos_embed)
 from blip_jax.models import blip as blip_models
 from blip_jax.models.bert import BertConfig
 from blip_jax.models.vit import ViTConfig
@@ -83,10 +84,6 @@ def detect_task(keys) -> str:
   return 'feature_extractor'
 
 
-def _count(keys, pattern) -> int:
-  idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-  return max(idx) + 1 if idx else 0
-
 
 def infer_config(tensors, hf_config, task, overrides) -> blip_models.BlipConfig:
   """BlipConfig from tensor shapes; an HF config.json supplies what shapes cannot (heads, eps)."""
@@ -96,7 +93,7 @@ def infer_config(tensors, hf_config, task, overrides) -> blip_models.BlipConfig:
   width = t['visual_encoder.cls_token'].shape[-1]
   grid = int(round((t['visual_encoder.pos_embed'].shape[1] - 1) ** 0.5))
   vision = dict(width=width, patch_size=patch, image_size=grid * patch,
-                depth=_count(keys, r'visual_encoder\.blocks\.(\d+)\.'),
+                depth=count_indexed(keys, r'visual_encoder\.blocks\.(\d+)\.'),
                 mlp_dim=t['visual_encoder.blocks.0.mlp.fc1.weight'].shape[0],
                 num_heads=width // 64)  # BLIP ViTs use 64-dim heads
   prefix = next((p for p in ('text_encoder.', 'text_decoder.bert.')
@@ -105,7 +102,7 @@ def infer_config(tensors, hf_config, task, overrides) -> blip_models.BlipConfig:
     raise KeyError('text_encoder.embeddings.word_embeddings.weight')
   vocab, hidden = t[f'{prefix}embeddings.word_embeddings.weight'].shape
   text = dict(vocab_size=vocab, hidden_size=hidden, num_heads=hidden // 64,
-              num_layers=_count(keys, re.escape(prefix) + r'encoder\.layer\.(\d+)\.'),
+              num_layers=count_indexed(keys, re.escape(prefix) + r'encoder\.layer\.(\d+)\.'),
               intermediate_size=t[f'{prefix}encoder.layer.0.intermediate.dense.weight'].shape[0],
               max_position_embeddings=t[f'{prefix}embeddings.position_embeddings.weight'].shape[0],
               encoder_width=width)

@@ -1,4 +1,5 @@
-"""CLIP checkpoints (OpenAI TorchScript / open_clip state dicts, HF `CLIPModel`) -> blip_jax CLIP.
+"""CLIP checkpoints (OpenAI TorchScript / open_clip state dicts, HF `CLIPModel` and
+`ChineseCLIPModel`) -> blip_jax CLIP / ChineseCLIP.
 
 Every layout is renamed to the torch-style names of our modules (`visual.blocks.0.attn.qkv.weight`,
 `transformer.resblocks.0.norm1.weight`, ...), with HF's separate q/k/v fused and its
@@ -13,8 +14,10 @@ import re
 import numpy as np
 
 from blip_jax.convert.readers import Checkpoint
-from blip_jax.convert.tree import ConversionError, Report, Rules, assign, resize_vit_pos_embed
+from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, count_indexed,
+                                   resize_vit_pos_embed)
 from blip_jax.models import clip as clip_models
+from blip_jax.models.bert import BertConfig
 
 _BLOCK_RENAMES = (
     (r'\.ln_1\.', '.norm1.'), (r'\.ln_2\.', '.norm2.'),
@@ -55,11 +58,15 @@ def detect_layout(keys) -> str:
   if 'visual.conv1.weight' in keys and 'token_embedding.weight' in keys:
     return 'openai'
   if {'vision_model.embeddings.patch_embedding.weight',
+      'text_model.embeddings.word_embeddings.weight'} <= keys:
+    return 'huggingface-chinese-clip'
+  if {'vision_model.embeddings.patch_embedding.weight',
       'text_model.embeddings.token_embedding.weight'} <= keys:
     return 'huggingface'
   raise ConversionError('not a CLIP checkpoint: expected "visual.conv1.weight" + '
                         '"token_embedding.weight" (OpenAI / open_clip) or "vision_model.*" + '
-                        f'"text_model.*" (HuggingFace CLIPModel), found e.g. {sorted(keys)[:5]}')
+                        '"text_model.*" (HuggingFace CLIPModel / ChineseCLIPModel), found e.g. '
+                        f'{sorted(keys)[:5]}')
 
 
 def normalise(tensors: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
@@ -69,7 +76,7 @@ def normalise(tensors: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarr
     for pattern, repl in renames:
       key = re.sub(pattern, repl, key)
     out[key] = value
-  if layout == 'huggingface':
+  if layout.startswith('huggingface'):
     # Fuse q/k/v (rows [q; k; v], as OpenAI's in_proj) and turn Linear weights into x @ P.
     for key in [k for k in out if '.self_attn.q_proj.' in k]:
       fused = key.replace('.self_attn.q_proj.', '.attn.qkv.')
@@ -85,37 +92,65 @@ def normalise(tensors: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarr
   return out
 
 
-def _count(keys, pattern) -> int:
-  idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-  return max(idx) + 1 if idx else 0
+
+def _hf_fields(section: dict, names) -> dict:
+  return {ours: section[theirs] for ours, theirs in names if theirs in section}
 
 
-def infer_config(t, hf_config, act, overrides) -> clip_models.CLIPConfig:
-  keys = list(t)
+HF_FIELDS = (('num_heads', 'num_attention_heads'), ('ln_eps', 'layer_norm_eps'), ('act', 'hidden_act'))
+
+
+def _vision_config(t, hf_config) -> dict:
   width, _, patch, _ = t['visual.patch_embed.proj.weight'].shape
   grid = int(round((t['visual.pos_embed'].shape[1] - 1) ** 0.5))
   vision = dict(width=width, patch_size=patch, image_size=grid * patch, num_heads=width // 64,
-                depth=_count(keys, r'visual\.blocks\.(\d+)\.'),
+                depth=count_indexed(t, r'visual\.blocks\.(\d+)\.'),
                 mlp_dim=t['visual.blocks.0.mlp.fc1.weight'].shape[0])
-  text_width = t['ln_final.weight'].shape[0]
-  text = dict(width=text_width, num_heads=text_width // 64,
-              num_layers=_count(keys, r'transformer\.resblocks\.(\d+)\.'),
+  return {**vision, **_hf_fields((hf_config or {}).get('vision_config', {}), HF_FIELDS)}
+
+
+def _clip_text_config(t, hf_config) -> dict:
+  width = t['ln_final.weight'].shape[0]
+  text = dict(width=width, num_heads=width // 64,
+              num_layers=count_indexed(t, r'transformer\.resblocks\.(\d+)\.'),
               context_length=t['positional_embedding'].shape[0],
               vocab_size=t['token_embedding.weight'].shape[0])
   if hf_config:
-    vc, tc = hf_config.get('vision_config', {}), hf_config.get('text_config', {})
-    vision.update({k: vc[h] for k, h in (('num_heads', 'num_attention_heads'), ('ln_eps', 'layer_norm_eps'),
-                                         ('act', 'hidden_act')) if h in vc})
-    text.update({k: tc[h] for k, h in (('num_heads', 'num_attention_heads'), ('ln_eps', 'layer_norm_eps'),
-                                       ('act', 'hidden_act')) if h in tc})
+    tc = hf_config.get('text_config', {})
+    text.update(_hf_fields(tc, HF_FIELDS))
     eos = tc.get('eos_token_id', 2)
     text['eos_token_id'] = None if eos == 2 else eos  # HF: eos id 2 means the legacy argmax
+  return text
+
+
+TYPE_KEY = 'text_model.embeddings.token_type_embeddings.weight'
+
+
+def _bert_text_config(t, hf_config) -> dict:
+  vocab, hidden = t['text_model.embeddings.word_embeddings.weight'].shape
+  text = dict(vocab_size=vocab, hidden_size=hidden, num_heads=hidden // 64, act='gelu',
+              num_layers=count_indexed(t, r'text_model\.encoder\.layer\.(\d+)\.'),
+              intermediate_size=t['text_model.encoder.layer.0.intermediate.dense.weight'].shape[0],
+              max_position_embeddings=t['text_model.embeddings.position_embeddings.weight'].shape[0],
+              type_vocab_size=t[TYPE_KEY].shape[0] if TYPE_KEY in t else 0,
+              add_cross_attention=False, hidden_dropout=0.0, attention_dropout=0.0)
+  return {**text, **_hf_fields((hf_config or {}).get('text_config', {}), HF_FIELDS)}
+
+
+def infer_config(t, layout, hf_config, act, overrides):
+  """CLIPConfig / ChineseCLIPConfig from shapes; an HF config.json adds heads, eps, activation."""
+  chinese = layout == 'huggingface-chinese-clip'
+  vision = _vision_config(t, hf_config)
+  text = _bert_text_config(t, hf_config) if chinese else _clip_text_config(t, hf_config)
   if act is not None:
-    vision['act'] = text['act'] = act
+    vision['act'] = act
+    if not chinese:
+      text['act'] = act
   if 'act' not in vision:
     raise ConversionError('the activation cannot be read from a CLIP state dict: OpenAI weights use '
                           "act='quick_gelu', open_clip models without '-quickgelu' use act='gelu'; "
                           'pass act=... (TorchScript archives and HF folders need none)')
+  text.setdefault('act', vision['act'])
   for d in (vision, text):
     if d['act'] not in ('gelu', 'quick_gelu'):
       raise ConversionError(f"unsupported CLIP activation {d['act']!r}")
@@ -124,13 +159,13 @@ def infer_config(t, hf_config, act, overrides) -> clip_models.CLIPConfig:
   if 'image_size' in overrides:
     vision['image_size'] = overrides.pop('image_size')
   text.update(overrides.pop('text', {}) or {})
+  text_cls = BertConfig if chinese else clip_models.CLIPTextConfig
+  config_cls = clip_models.ChineseCLIPConfig if chinese else clip_models.CLIPConfig
   try:
-    return clip_models.CLIPConfig(vision=clip_models.clip_vision_config(**vision),
-                                  text=clip_models.CLIPTextConfig(**text),
-                                  embed_dim=t['text_projection'].shape[1], **overrides)
+    return config_cls(vision=clip_models.clip_vision_config(**vision), text=text_cls(**text),
+                      embed_dim=t['text_projection'].shape[1], **overrides)
   except TypeError as e:
     raise ConversionError(f'bad config override: {e}') from e
-
 
 
 def convert(ckpt: Checkpoint, *, act: str | None = None, strict: bool = True, seed: int = 0,
@@ -141,7 +176,7 @@ def convert(ckpt: Checkpoint, *, act: str | None = None, strict: bool = True, se
   if act is None and ckpt.torchscript:
     act = 'quick_gelu'  # TorchScript archives are OpenAI's own releases
   try:
-    cfg = infer_config(tensors, ckpt.hf_config, act, overrides)
+    cfg = infer_config(tensors, layout, ckpt.hf_config, act, overrides)
   except KeyError as e:
     raise ConversionError(f'{ckpt.source}: cannot infer the CLIP config, key {e} is missing') from e
   report = Report(source=ckpt.source, layout=layout, task='clip')

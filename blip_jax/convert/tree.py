@@ -98,6 +98,12 @@ class Rules:
   resize: tuple[tuple[str, Callable], ...] = ()
 
 
+def count_indexed(keys, pattern: str) -> int:
+  """Number of layers: 1 + the largest index captured by `pattern` among `keys` (0 if none)."""
+  idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+  return max(idx) + 1 if idx else 0
+
+
 def resize_vit_pos_embed(array, target):
   """`Rules.resize` hook: a ViT position embedding [1, 1 + g*g, D] to the model's grid."""
   grid = int(round((target[1] - 1) ** 0.5))

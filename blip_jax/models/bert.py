@@ -49,6 +49,9 @@ class BertConfig:
   # The LM head's output projection is the word-embedding matrix (BLIP ties them).
   tie_word_embeddings: bool = True
   pad_token_id: int = 0
+  # BLIP's MED has no token-type embeddings; BERT proper (Chinese-CLIP's text tower) has them
+  # and adds type 0 to every token.
+  type_vocab_size: int = 0
   dtype: str = 'float32'
 
   def __post_init__(self):
@@ -65,6 +68,10 @@ class BertEmbeddings(nnx.Module):
                                      embedding_init=layers.INIT, rngs=rngs)
     self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
                                          embedding_init=layers.INIT, rngs=rngs)
+    if cfg.type_vocab_size:
+      self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=dtype,
+                                             embedding_init=layers.INIT, rngs=rngs)
+    self.type_vocab_size = cfg.type_vocab_size
     self.LayerNorm = layers.layer_norm(cfg.hidden_size, cfg.ln_eps, rngs=rngs, dtype=dtype)
     self.dropout = nnx.Dropout(cfg.hidden_dropout, deterministic=True, rngs=rngs)
 
@@ -72,6 +79,8 @@ class BertEmbeddings(nnx.Module):
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError('pass exactly one of input_ids and inputs_embeds')
     x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+    if self.type_vocab_size:
+      x = x + self.token_type_embeddings.embedding[0].astype(x.dtype)
     positions = position_offset + jnp.arange(x.shape[1])
     x = x + self.position_embeddings(positions)[None]
     return self.dropout(self.LayerNorm(x))

@@ -1,4 +1,5 @@
-"""CLIP (OpenAI / open_clip / HF `CLIPModel`): a ViT image tower and a causal text transformer.
+"""CLIP (OpenAI / open_clip / HF `CLIPModel`): a ViT image tower and a causal text transformer;
+Chinese-CLIP (HF `ChineseCLIPModel`): the same image tower with a BERT text tower.
 
 The image tower is the project's ViT in its CLIP variant (no patch bias, `ln_pre`, no final
 norm, QuickGELU or GELU) plus `ln_post` on the class token and the projection `proj`; the text
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blip_jax.models import layers
+from blip_jax.models.bert import BertConfig, BertModel
 from blip_jax.models.vit import Block, ViTConfig, VisionTransformer
 
 
@@ -99,24 +101,43 @@ class TextTransformer(nnx.Module):
               dtype=jnp.dtype(cfg.dtype), rngs=rngs) for _ in range(cfg.num_layers)])
 
 
-class CLIP(nnx.Module):
-  """Two towers and the learned logit scale."""
+class _TwoTowers(nnx.Module):
+  """The CLIP image tower, a text projection and the learned logit scale; subclasses add the
+  text tower and `encode_text`."""
 
-  def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, text_width: int, *, rngs: nnx.Rngs):
     self.config = cfg
-    t, dtype = cfg.text, jnp.dtype(cfg.text.dtype)
     self.visual = CLIPVisual(cfg.vision, cfg.embed_dim, rngs=rngs)
-    self.token_embedding = nnx.Embed(t.vocab_size, t.width, dtype=dtype, embedding_init=layers.INIT,
-                                     rngs=rngs)
-    self.positional_embedding = nnx.Param(layers.INIT(rngs.params(), (t.context_length, t.width)))
-    self.transformer = TextTransformer(t, rngs=rngs)
-    self.ln_final = layers.layer_norm(t.width, t.ln_eps, rngs=rngs, dtype=dtype)
-    self.text_projection = nnx.Param(layers.INIT(rngs.params(), (t.width, cfg.embed_dim)))
+    self.text_projection = nnx.Param(layers.INIT(rngs.params(), (text_width, cfg.embed_dim)))
     self.logit_scale = nnx.Param(jnp.array(jnp.log(1 / 0.07), jnp.float32))
 
   def encode_image(self, images):
     """Images [B, S, S, 3] (NHWC, CLIP-normalised) -> image embeddings [B, E] (not normalised)."""
     return self.visual.features(images)
+
+  def encode_text(self, input_ids, attention_mask=None):
+    raise NotImplementedError
+
+  def logits(self, image_embeds, text_embeds):
+    """logits_per_image [B_img, B_txt] = exp(logit_scale) * cosine."""
+    scale = jnp.exp(self.logit_scale[...])
+    return scale * layers.l2_normalize(image_embeds) @ layers.l2_normalize(text_embeds).T
+
+  def __call__(self, images, input_ids, attention_mask=None):
+    return self.logits(self.encode_image(images), self.encode_text(input_ids, attention_mask))
+
+
+class CLIP(_TwoTowers):
+  """OpenAI CLIP: causal text transformer pooled at the end-of-text token."""
+
+  def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, cfg.text.width, rngs=rngs)
+    t, dtype = cfg.text, jnp.dtype(cfg.text.dtype)
+    self.token_embedding = nnx.Embed(t.vocab_size, t.width, dtype=dtype, embedding_init=layers.INIT,
+                                     rngs=rngs)
+    self.positional_embedding = nnx.Param(layers.INIT(rngs.params(), (t.context_length, t.width)))
+    self.transformer = TextTransformer(t, rngs=rngs)
+    self.ln_final = layers.layer_norm(t.width, t.ln_eps, rngs=rngs, dtype=dtype)
 
   def encode_text(self, input_ids, attention_mask=None):
     """Token ids [B, T] (T <= context_length) -> text embeddings [B, E] (not normalised).
@@ -142,14 +163,35 @@ class CLIP(nnx.Module):
     pooled = jnp.take_along_axis(x, pool[:, None, None], axis=1)[:, 0]
     return pooled @ self.text_projection[...].astype(pooled.dtype)
 
-  def logits(self, image_embeds, text_embeds):
-    """logits_per_image [B_img, B_txt] = exp(logit_scale) * cosine."""
-    scale = jnp.exp(self.logit_scale[...])
-    return scale * layers.l2_normalize(image_embeds) @ layers.l2_normalize(text_embeds).T
 
-  def __call__(self, images, input_ids, attention_mask=None):
-    return self.logits(self.encode_image(images), self.encode_text(input_ids, attention_mask))
+@dataclasses.dataclass(frozen=True)
+class ChineseCLIPConfig:
+  vision: ViTConfig = ViTConfig()
+  text: BertConfig = BertConfig(vocab_size=21128, add_cross_attention=False, type_vocab_size=2,
+                                hidden_dropout=0.0, attention_dropout=0.0)
+  embed_dim: int = 512
+
+  to_dict = CLIPConfig.to_dict
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'ChineseCLIPConfig':
+    d = dict(d)
+    return cls(vision=ViTConfig(**d.pop('vision')), text=BertConfig(**d.pop('text')), **d)
 
 
-def build(cfg: CLIPConfig, *, seed: int = 0) -> CLIP:
-  return CLIP(cfg, rngs=nnx.Rngs(seed))
+class ChineseCLIP(_TwoTowers):
+  """Chinese-CLIP: a BERT text tower (`text_model`) read at its [CLS] state."""
+
+  def __init__(self, cfg: ChineseCLIPConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, cfg.text.hidden_size, rngs=rngs)
+    self.text_model = BertModel(cfg.text, rngs=rngs)
+
+  def encode_text(self, input_ids, attention_mask=None):
+    """Token ids [B, T] -> text embeddings [B, E] (not normalised)."""
+    cls = self.text_model(input_ids, attention_mask, mode='text')[:, 0]
+    return cls @ self.text_projection[...].astype(cls.dtype)
+
+
+def build(cfg: CLIPConfig | ChineseCLIPConfig, *, seed: int = 0) -> CLIP | ChineseCLIP:
+  cls = ChineseCLIP if isinstance(cfg, ChineseCLIPConfig) else CLIP
+  return cls(cfg, rngs=nnx.Rngs(seed))
