@@ -170,3 +170,76 @@ class NlvrReference(torch.nn.Module):
       else:
         out[key] = value
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# A PyTorch statement of openai/CLIP `model.py` (ViT image tower), scripted and saved the way
+# OpenAI released its weights.
+
+
+class QuickGELU(torch.nn.Module):
+  def forward(self, x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(torch.nn.Module):
+  def __init__(self, width, heads, attn_mask=None):
+    super().__init__()
+    self.attn = torch.nn.MultiheadAttention(width, heads)
+    self.ln_1 = torch.nn.LayerNorm(width)
+    self.mlp = torch.nn.Sequential()
+    self.mlp.add_module('c_fc', torch.nn.Linear(width, 4 * width))
+    self.mlp.add_module('gelu', QuickGELU())
+    self.mlp.add_module('c_proj', torch.nn.Linear(4 * width, width))
+    self.ln_2 = torch.nn.LayerNorm(width)
+    self.attn_mask = attn_mask
+
+  def forward(self, x):
+    y = self.ln_1(x)
+    x = x + self.attn(y, y, y, need_weights=False, attn_mask=self.attn_mask)[0]
+    return x + self.mlp(self.ln_2(x))
+
+
+class OpenAIVisual(torch.nn.Module):
+  def __init__(self, size, patch, width, layers, heads, out):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(3, width, patch, patch, bias=False)
+    self.class_embedding = torch.nn.Parameter(torch.randn(width))
+    self.positional_embedding = torch.nn.Parameter(torch.randn((size // patch) ** 2 + 1, width))
+    self.ln_pre = torch.nn.LayerNorm(width)
+    self.transformer = torch.nn.Module()
+    self.transformer.resblocks = torch.nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+    self.ln_post = torch.nn.LayerNorm(width)
+    self.proj = torch.nn.Parameter(torch.randn(width, out))
+
+  def forward(self, x):
+    x = self.conv1(x).flatten(2).permute(0, 2, 1)
+    cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
+    x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
+    x = self.transformer.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2)
+    return self.ln_post(x[:, 0]) @ self.proj
+
+
+class OpenAICLIP(torch.nn.Module):
+  def __init__(self, ctx=8, vocab=40, width=16, layers=2, heads=2, embed=12):
+    super().__init__()
+    self.visual = OpenAIVisual(32, 8, 24, 2, 2, embed)
+    mask = torch.full((ctx, ctx), float('-inf')).triu_(1)
+    self.transformer = torch.nn.Module()
+    self.transformer.resblocks = torch.nn.Sequential(*[ResidualAttentionBlock(width, heads, mask) for _ in range(layers)])
+    self.token_embedding = torch.nn.Embedding(vocab, width)
+    self.positional_embedding = torch.nn.Parameter(torch.randn(ctx, width))
+    self.ln_final = torch.nn.LayerNorm(width)
+    self.text_projection = torch.nn.Parameter(torch.randn(width, embed))
+    self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+  def encode_text(self, text):
+    x = self.token_embedding(text) + self.positional_embedding
+    x = self.transformer.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2)
+    x = self.ln_final(x)
+    return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
+
+  def forward(self, image, text):
+    i, t = self.visual(image), self.encode_text(text)
+    i, t = i / i.norm(dim=1, keepdim=True), t / t.norm(dim=1, keepdim=True)
+    return self.logit_scale.exp() * i @ t.t()

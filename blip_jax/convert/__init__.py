@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from blip_jax.convert import blip as _blip
 from blip_jax.convert import clip as _clip
-from blip_jax.convert.readers import Checkpoint, read_checkpoint
+from blip_jax.convert.readers import Checkpoint, read_checkpoint, read_checkpoints
 from blip_jax.convert.tree import ConversionError, Report
 
 BLIP_TASKS = ('feature_extractor', 'retrieval', 'caption', 'vqa', 'nlvr', 'pretrain')
@@ -19,7 +19,7 @@ TASKS = BLIP_TASKS + ('clip',)
 
 def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training_state: bool = False,
                seed: int = 0, **config_overrides):
-  """Convert a PyTorch BLIP checkpoint into a blip_jax model.
+  """Convert a PyTorch BLIP, CLIP or Chinese-CLIP checkpoint into a blip_jax model.
 
   Args:
     source: path to a checkpoint file or HF folder, or a state dict.
@@ -27,13 +27,20 @@ def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training
     strict: raise on checkpoint keys that the model does not read and no rule expects
       (with strict=False they are listed in the report instead) and on missing weights.
     keep_training_state: also load momentum encoders and feature queues.
-    **config_overrides: config fields (BlipConfig, or CLIPConfig plus `act` for CLIP), e.g. `image_size=480` (position embeddings are
-      resized), `vision={'num_heads': 2}`, `text={'ln_eps': 1e-12}`.
+    **config_overrides: config fields (BlipConfig; CLIPConfig plus `act` for CLIP), e.g.
+      `image_size=480` (position embeddings are resized), `vision={'num_heads': 2}`,
+      `text={'ln_eps': 1e-12}`.
 
   Returns:
-    (model, config, report): the NNX model, its BlipConfig and a `Report` of every key.
+    (model, config, report): the NNX model, its config and a `Report` of every key.
   """
-  ckpt = read_checkpoint(source)
+  return convert_checkpoint(read_checkpoint(source), task=task, strict=strict,
+                            keep_training_state=keep_training_state, seed=seed, **config_overrides)
+
+
+def convert_checkpoint(ckpt: Checkpoint, *, task: str = 'auto', strict: bool = True,
+                       keep_training_state: bool = False, seed: int = 0, **config_overrides):
+  """`load_torch` for an already opened `Checkpoint` (several merged sources, say)."""
   if task == 'clip' or (task == 'auto' and _looks_like_clip(ckpt.tensors)):
     if keep_training_state:
       raise ConversionError('CLIP checkpoints have no training state to keep')
@@ -48,4 +55,5 @@ def _looks_like_clip(tensors) -> bool:
       and 'vision_model.pre_layrnorm.weight' in tensors)  # HF CLIP and Chinese-CLIP, not BLIP
 
 
-__all__ = ['load_torch', 'read_checkpoint', 'Checkpoint', 'ConversionError', 'Report', 'BLIP_TASKS', 'TASKS']
+__all__ = ['load_torch', 'convert_checkpoint', 'read_checkpoint', 'read_checkpoints', 'Checkpoint',
+           'ConversionError', 'Report', 'BLIP_TASKS', 'TASKS']

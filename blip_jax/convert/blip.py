@@ -57,16 +57,10 @@ def detect_layout(keys) -> str:
                         f'"vision_model.encoder.layers.0.self_attn.qkv.weight" (HuggingFace), found e.g. {sample}')
 
 
-def to_salesforce_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  out = {}
-  for key, value in tensors.items():
-    new = key
-    for pattern, repl in HF_RENAMES:
-      new = re.sub(pattern, repl, new)
-    if new in out:
-      raise ConversionError(f'two checkpoint keys map to {new!r}')
-    out[new] = value
-  return out
+def to_salesforce_name(key: str) -> str:
+  for pattern, repl in HF_RENAMES:
+    key = re.sub(pattern, repl, key)
+  return key
 
 
 def detect_task(keys) -> str:
@@ -173,7 +167,7 @@ def convert(ckpt: Checkpoint, task: str = 'auto', *, strict: bool = True,
             keep_training_state: bool = False, seed: int = 0, **overrides):
   """Build the BLIP model for `task` and fill it from `ckpt`. Returns (model, config, report)."""
   layout = detect_layout(ckpt.tensors)
-  tensors = to_salesforce_names(ckpt.tensors) if layout == 'huggingface' else dict(ckpt.tensors)
+  tensors = ckpt.tensors.renamed(to_salesforce_name if layout == 'huggingface' else str)
   if task == 'auto':
     task = detect_task(tensors)
   if task not in blip_models.TASKS:

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from blip_jax.convert.readers import Checkpoint
+from blip_jax.convert.readers import Checkpoint, TensorStore
 from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, count_indexed,
                                    resize_vit_pos_embed)
 from blip_jax.models import clip as clip_models
@@ -69,19 +69,20 @@ def detect_layout(keys) -> str:
                         f'{sorted(keys)[:5]}')
 
 
-def normalise(tensors: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
+def normalise(tensors: TensorStore, layout: str) -> TensorStore:
   renames = OPENAI_RENAMES if layout == 'openai' else HF_RENAMES
-  out = {}
-  for key, value in tensors.items():
+
+  def rename(key):
     for pattern, repl in renames:
       key = re.sub(pattern, repl, key)
-    out[key] = value
+    return key
+
+  out = tensors.renamed(rename)
   if layout.startswith('huggingface'):
     # Fuse q/k/v (rows [q; k; v], as OpenAI's in_proj) and turn Linear weights into x @ P.
     for key in [k for k in out if '.self_attn.q_proj.' in k]:
-      fused = key.replace('.self_attn.q_proj.', '.attn.qkv.')
       parts = [out.pop(key.replace('q_proj', name)) for name in ('q_proj', 'k_proj', 'v_proj')]
-      out[fused] = np.concatenate(parts, axis=0)
+      out[key.replace('.self_attn.q_proj.', '.attn.qkv.')] = np.concatenate(parts, axis=0)
     for key in ('visual.proj', 'text_projection'):
       if key in out:
         out[key] = out[key].T
@@ -90,7 +91,6 @@ def normalise(tensors: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarr
     if key in out:
       out[key] = shape_fn(out[key])
   return out
-
 
 
 def _hf_fields(section: dict, names) -> dict:

@@ -1,9 +1,13 @@
-"""Read PyTorch checkpoints into flat {key: numpy array} dicts.
+"""Read PyTorch checkpoints as lazily loaded {key: numpy array} stores.
 
 Sources: an in-memory state dict (torch tensors or numpy arrays), a `.pth` / `.pt` / `.bin`
 pickle (state dict at the top level or under 'model' / 'state_dict', `module.` prefixes
-stripped), a `.safetensors` file (read with numpy, no torch needed), or a HuggingFace model
-folder (`config.json` + `model.safetensors` / `pytorch_model.bin`, sharded `*.index.json`).
+stripped; memory-mapped), an OpenAI TorchScript archive, a `.safetensors` file (memory-mapped,
+read with numpy, no torch needed), or a HuggingFace model folder (`config.json` +
+`model.safetensors` / `pytorch_model.bin`, sharded `*.index.json`).
+
+Tensors are turned into numpy arrays only when read, one at a time, so converting needs little
+more memory than the model being built.
 """
 
 from __future__ import annotations
@@ -11,19 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+import zipfile
+from typing import Any, Callable, Iterator, Mapping, MutableMapping
 
 import numpy as np
 
 WRAPPER_KEYS = ('model', 'state_dict', 'module')
-
-
-@dataclasses.dataclass
-class Checkpoint:
-  tensors: dict[str, np.ndarray]
-  source: str  # a path, or '<state dict>'
-  hf_config: dict[str, Any] | None = None  # config.json of an HF folder
-  torchscript: bool = False  # a TorchScript archive (OpenAI's CLIP releases)
 
 
 def to_numpy(value) -> np.ndarray:
@@ -36,6 +33,47 @@ def to_numpy(value) -> np.ndarray:
       value = value.float()
     return value.numpy()
   return np.asarray(value)
+
+
+class TensorStore(MutableMapping):
+  """Checkpoint tensors by key; each is loaded and converted to numpy when read."""
+
+  def __init__(self, loaders: dict[str, Callable[[], Any]] | None = None):
+    self._loaders = dict(loaders or {})
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return to_numpy(self._loaders[key]())
+
+  def __setitem__(self, key: str, value) -> None:
+    self._loaders[key] = lambda: value
+
+  def __delitem__(self, key: str) -> None:
+    del self._loaders[key]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._loaders)
+
+  def __len__(self) -> int:
+    return len(self._loaders)
+
+  def renamed(self, rename: Callable[[str], str]) -> 'TensorStore':
+    """The same tensors under new keys (still unloaded); two keys may not meet."""
+    out = {}
+    for key, loader in self._loaders.items():
+      new = rename(key)
+      if new in out:
+        raise ValueError(f'two checkpoint keys map to {new!r}')
+      out[new] = loader
+    return TensorStore(out)
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  tensors: TensorStore
+  source: str  # a path, or '<state dict>'
+  hf_config: dict[str, Any] | None = None  # config.json of an HF folder
+  torchscript: bool = False  # a TorchScript archive (OpenAI's CLIP releases)
+  files: tuple[str, ...] = ()  # the files read, for provenance
 
 
 def _unwrap(obj: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -55,7 +93,6 @@ def _unwrap(obj: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 
 def _is_torchscript(path: str) -> bool:
-  import zipfile
   if not zipfile.is_zipfile(path):
     return False
   with zipfile.ZipFile(path) as z:
@@ -67,24 +104,39 @@ def _load_pickle(path: str) -> dict[str, Any]:
   if _is_torchscript(path):
     return torch.jit.load(path, map_location='cpu').state_dict()
   try:
-    return torch.load(path, map_location='cpu', weights_only=True)
+    # mmap: tensors stay on disk until read (needs the zip format of torch >= 1.6).
+    return torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
   except Exception as e:  # noqa: BLE001 - any unpickling failure becomes one clear message
-    raise ValueError(f'{path}: could not read the PyTorch checkpoint: {e}') from e
+    raise ValueError(f'{path}: could not read the PyTorch checkpoint ({type(e).__name__}: {e})') from e
 
 
-def _load_file(path: str) -> dict[str, Any]:
+def _safetensors_loaders(path: str) -> dict[str, Callable[[], np.ndarray]]:
+  from safetensors import safe_open
+  try:
+    handle = safe_open(path, framework='numpy')
+    keys = list(handle.keys())
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(f'{path}: could not read the safetensors file ({e})') from e
+  return {k: (lambda k=k: handle.get_tensor(k)) for k in keys}
+
+
+def _file_loaders(path: str) -> dict[str, Callable[[], Any]]:
   if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    return load_file(path)
+    return _safetensors_loaders(path)
   if path.endswith('.index.json'):
     with open(path) as f:
       index = json.load(f)
     folder = os.path.dirname(path)
-    tensors = {}
+    loaders = {}
     for shard in sorted(set(index['weight_map'].values())):
-      tensors.update(_load_file(os.path.join(folder, shard)))
-    return tensors
-  return _load_pickle(path)
+      loaders.update(_file_loaders(os.path.join(folder, shard)))
+    return loaders
+  tensors = _unwrap(_load_pickle(path), path)
+  return {k: (lambda v=v: v) for k, v in tensors.items()}
+
+
+def _strip_module(loaders):
+  return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in loaders.items()}
 
 
 HF_WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
@@ -92,12 +144,12 @@ HF_WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch
 
 
 def read_checkpoint(source) -> Checkpoint:
-  """Read `source` (a path or an in-memory state dict) into numpy arrays."""
+  """Open `source` (a path or an in-memory state dict) without loading its tensors yet."""
   if isinstance(source, Checkpoint):
     return source
   if isinstance(source, Mapping):
     tensors = _unwrap(source, '<state dict>')
-    return Checkpoint({k: to_numpy(v) for k, v in tensors.items()}, '<state dict>')
+    return Checkpoint(TensorStore({k: (lambda v=v: v) for k, v in tensors.items()}), '<state dict>')
   path = os.fspath(source)
   if not os.path.exists(path):
     raise FileNotFoundError(f'checkpoint not found: {path}')
@@ -111,6 +163,25 @@ def read_checkpoint(source) -> Checkpoint:
       with open(config_path) as f:
         hf_config = json.load(f)
     path = os.path.join(path, found[0])
-  tensors = _unwrap(_load_file(path), path)
-  return Checkpoint({k: to_numpy(v) for k, v in tensors.items()}, path, hf_config,
-                    torchscript=os.path.isfile(path) and _is_torchscript(path))
+  loaders = _strip_module(_file_loaders(path))
+  return Checkpoint(TensorStore(loaders), path, hf_config,
+                    torchscript=os.path.isfile(path) and _is_torchscript(path), files=(path,))
+
+
+def read_checkpoints(sources) -> Checkpoint:
+  """Several sources as one checkpoint (BLIP-2: LAVIS weights + ViT + LLM); a key present in two
+  sources is an error."""
+  parts = [read_checkpoint(s) for s in sources]
+  if len(parts) == 1:
+    return parts[0]
+  merged: dict[str, Callable[[], Any]] = {}
+  owner: dict[str, str] = {}
+  for part in parts:
+    for key, loader in part.tensors._loaders.items():
+      if key in merged:
+        raise ValueError(f'key {key!r} is in both {owner[key]} and {part.source}')
+      merged[key], owner[key] = loader, part.source
+  hf_config = next((p.hf_config for p in parts if p.hf_config), None)
+  return Checkpoint(TensorStore(merged), ' + '.join(p.source for p in parts), hf_config,
+                    torchscript=any(p.torchscript for p in parts),
+                    files=tuple(f for p in parts for f in p.files))

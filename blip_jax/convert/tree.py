@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -118,7 +118,7 @@ def _first_match(rules, key):
   return None
 
 
-def assign(model: nnx.Module, tensors: dict[str, np.ndarray], rules: Rules, report: Report,
+def assign(model: nnx.Module, tensors: Mapping[str, np.ndarray], rules: Rules, report: Report,
            *, strict: bool = True) -> None:
   """Copy `tensors` into `model`'s Variables in place, recording everything in `report`.
 
@@ -127,7 +127,7 @@ def assign(model: nnx.Module, tensors: dict[str, np.ndarray], rules: Rules, repo
   and, with `strict`, for checkpoint keys that nothing reads and no rule expects.
   """
   used: set[str] = set()
-  assigned: dict[int, tuple[str, np.ndarray]] = {}  # id(Variable) -> (key, value) for ties
+  assigned: dict[int, str] = {}  # id(Variable) -> checkpoint key it was read from (for ties)
   problems = []
   for path, var in named_variables(model):
     key = torch_name(path)
@@ -155,15 +155,15 @@ def assign(model: nnx.Module, tensors: dict[str, np.ndarray], rules: Rules, repo
                         f'model expects {target} (after the torch->flax layout change)')
         continue
     if id(var) in assigned:  # a tied Variable: both checkpoint copies must agree
-      other_key, other = assigned[id(var)]
-      if not np.array_equal(other, array):
+      other_key = assigned[id(var)]
+      if not np.array_equal(np.asarray(var.get_value()), array):
         problems.append(f'{key!r} and {other_key!r} are one shared weight in this model but differ '
                         'in the checkpoint')
       else:
         report.skipped[key] = f'tied to {other_key}'
       continue
     var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
-    assigned[id(var)] = (key, array)
+    assigned[id(var)] = key
     report.converted.append(key)
   unexpected = []
   for key in sorted(set(tensors) - used):

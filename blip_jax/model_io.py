@@ -1,0 +1,159 @@
+"""Converted-model directories: `config.json` + an orbax checkpoint of the weights.
+
+    model, config = blip_jax.load('converted/blip_caption_base')   # a directory written here
+    model, config = blip_jax.load('model_base_caption.pth', task='caption')  # converts in memory
+
+A directory holds `config.json` (format, family, task, model config, weight dtype, provenance:
+source files and their sha256, layout, skipped / missing / resized keys) and `weights/`, an
+orbax checkpoint of a flat {attribute path: array} dict. Weights are restored into a model
+built with `nnx.eval_shape`, so loading never initialises (and never holds) a second copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from blip_jax.convert.tree import named_variables
+from blip_jax.models import blip, clip
+
+FORMAT = 'blip_jax/1'
+CONFIG_FILE = 'config.json'
+WEIGHTS_DIR = 'weights'
+
+
+def family_of(config) -> str:
+  if isinstance(config, blip.BlipConfig):
+    return 'blip'
+  if isinstance(config, clip.ChineseCLIPConfig):
+    return 'chinese_clip'
+  if isinstance(config, clip.CLIPConfig):
+    return 'clip'
+  raise TypeError(f'unknown model config type {type(config).__name__}')
+
+
+CONFIG_CLASSES = {'blip': blip.BlipConfig, 'clip': clip.CLIPConfig,
+                  'chinese_clip': clip.ChineseCLIPConfig}
+
+
+def build(family: str, task: str, config, *, seed: int = 0) -> nnx.Module:
+  if family == 'blip':
+    return blip.build(task, config, seed=seed)
+  return clip.build(config, seed=seed)
+
+
+def unique_weights(model: nnx.Module) -> dict[str, nnx.Variable]:
+  """{dotted path: Variable} of the model's weights, a shared Variable under its first path."""
+  out, seen = {}, set()
+  for path, var in named_variables(model):
+    if id(var) not in seen:
+      seen.add(id(var))
+      out[path] = var
+  return out
+
+
+def sha256(path: str, chunk: int = 1 << 24) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def is_model_dir(path) -> bool:
+  if not isinstance(path, (str, os.PathLike)):
+    return False
+  config = os.path.join(os.fspath(path), CONFIG_FILE)
+  if not os.path.isfile(config):
+    return False
+  with open(config) as f:
+    try:
+      return json.load(f).get('format') == FORMAT
+    except json.JSONDecodeError:
+      return False
+
+
+def save(out_dir, model: nnx.Module, config, *, task: str, dtype: str = 'float32',
+         provenance: dict[str, Any] | None = None) -> None:
+  """Write `model`'s weights (cast to `dtype`) and its config to `out_dir` (replaced)."""
+  import orbax.checkpoint as ocp
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  weights = {path: jnp.asarray(var.get_value()).astype(dtype) if jnp.issubdtype(var.dtype, jnp.floating)
+             else jnp.asarray(var.get_value()) for path, var in unique_weights(model).items()}
+  if os.path.exists(out_dir):
+    shutil.rmtree(out_dir)
+  os.makedirs(out_dir)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(out_dir, WEIGHTS_DIR), weights)
+  checkpointer.wait_until_finished()
+  meta = {'format': FORMAT, 'family': family_of(config), 'task': task, 'dtype': dtype,
+          'config': config.to_dict(), 'provenance': provenance or {}}
+  with open(os.path.join(out_dir, CONFIG_FILE), 'w') as f:
+    json.dump(meta, f, indent=2)
+
+
+def read_config(model_dir) -> dict[str, Any]:
+  with open(os.path.join(os.fspath(model_dir), CONFIG_FILE)) as f:
+    return json.load(f)
+
+
+def _abstract_model(family, task, config, seed):
+  """The model's structure without its weights; RNG state (dropout keys) made for real."""
+  make = lambda: build(family, task, config, seed=seed)
+  model = nnx.eval_shape(make)
+  # Under jit only the requested RNG state is computed: the weight initialisers are dead code.
+  nnx.update(model, jax.jit(lambda: nnx.state(make(), nnx.RngState))())
+  return model
+
+
+def load(source, *, seed: int = 0, **convert_kwargs):
+  """Load a converted directory, or convert a PyTorch checkpoint in memory.
+
+  Returns (model, config). `convert_kwargs` go to `blip_jax.convert.load_torch` when `source`
+  is not a converted directory (task, image_size, act, vision={...}, ...).
+  """
+  if not is_model_dir(source):
+    from blip_jax.convert import load_torch
+    model, config, _ = load_torch(source, seed=seed, **convert_kwargs)
+    return model, config
+  if convert_kwargs:
+    raise ValueError(f'{source} is already converted; options {sorted(convert_kwargs)} apply to '
+                     'PyTorch checkpoints only')
+  import orbax.checkpoint as ocp
+  meta = read_config(source)
+  family = meta['family']
+  config = CONFIG_CLASSES[family].from_dict(meta['config'])
+  model = _abstract_model(family, meta['task'], config, seed)
+  variables = unique_weights(model)
+  target = {path: jax.ShapeDtypeStruct(var.shape, var.dtype) for path, var in variables.items()}
+  weights_dir = os.path.join(os.path.abspath(os.fspath(source)), WEIGHTS_DIR)
+  try:
+    restored = ocp.StandardCheckpointer().restore(weights_dir, target)
+  except Exception as e:  # noqa: BLE001 - orbax reports mismatches in many ways
+    raise ValueError(f'{weights_dir}: the weights do not match the model in {CONFIG_FILE}: {e}') from e
+  for path, var in variables.items():
+    var.set_value(restored.pop(path))
+  return model, config
+
+
+def provenance(ckpt, report) -> dict[str, Any]:
+  """What a conversion read and did, for config.json."""
+  return {
+      'sources': [{'path': os.path.abspath(f), 'sha256': sha256(f)} for f in ckpt.files
+                  if os.path.isfile(f)],
+      'layout': report.layout,
+      'converted': len(report.converted),
+      'skipped': report.skipped,
+      'missing': report.missing,
+      'resized': report.resized,
+  }
+
+
+__all__ = ['load', 'save', 'is_model_dir', 'read_config', 'FORMAT']

@@ -1,0 +1,128 @@
+"""convert_torch_weights.py end to end: files written by PyTorch -> CLI -> blip_jax.load."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import blip_jax
+from blip_jax.convert.cli import main
+from torch_refs import (OVERRIDES, OpenAICLIP, assert_close, build_hf, images, nhwc, text_batch,
+                        to_salesforce)
+
+ROOT = pathlib.Path(__file__).parents[1]
+BLIP_HEADS = json.dumps({k: OVERRIDES[k] for k in ('vision', 'text', 'bos_token_id', 'enc_token_id',
+                                                     'sep_token_id')})
+
+
+def run_cli(*args):
+  """The CLI in a subprocess, as a user runs it."""
+  return subprocess.run([sys.executable, str(ROOT / 'convert_torch_weights.py'), *map(str, args)],
+                        capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope='module')
+def hf_caption():
+  return build_hf(transformers.BlipForConditionalGeneration)
+
+
+def test_salesforce_pth_to_directory(tmp_path, hf_caption):
+  pth = tmp_path / 'model_base_caption.pth'
+  torch.save({'model': to_salesforce(hf_caption.state_dict())}, pth)
+  out = tmp_path / 'converted'
+  result = run_cli(pth, '--out', out, '--override', BLIP_HEADS)
+  assert result.returncode == 0, result.stderr
+  assert 'detected: blip caption (salesforce layout)' in result.stdout
+  config = json.loads((out / 'config.json').read_text())
+  assert config['provenance']['sources'][0]['sha256'] and config['task'] == 'caption'
+  model, cfg = blip_jax.load(out)
+  x = images()
+  ids, mask = text_batch(first_token=97)
+  with torch.no_grad():
+    ref = hf_caption(pixel_values=x, input_ids=ids, attention_mask=mask).logits
+  assert_close(model(model.image_embeds(nhwc(x)), ids.numpy(), mask.numpy()), ref, 'decoder logits')
+  # Running the same conversion again is allowed; another checkpoint into the same --out is not.
+  assert main([str(pth), '--out', str(out), '--override', BLIP_HEADS]) == 0
+  other = tmp_path / 'other.pth'
+  torch.save({'model': to_salesforce(build_hf(transformers.BlipForConditionalGeneration, seed=1).state_dict())}, other)
+  assert main([str(other), '--out', str(out), '--override', BLIP_HEADS]) == 1
+  assert blip_jax.model_io.read_config(out)['provenance']['sources'][0]['path'] == str(pth)
+  assert main([str(other), '--out', str(out), '--override', BLIP_HEADS, '--force']) == 0
+  assert blip_jax.model_io.read_config(out)['provenance']['sources'][0]['path'] == str(other)
+
+
+def test_openai_torchscript_and_bfloat16(tmp_path):
+  torch.manual_seed(0)
+  ref = OpenAICLIP().eval()
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+  x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+  text = torch.tensor([[1, 5, 9, 39, 0, 0, 0, 0], [1, 4, 7, 6, 8, 39, 0, 0]])
+  archive = tmp_path / 'ViT-tiny.pt'
+  torch.jit.trace(ref, (x, text)).save(archive)
+  with torch.no_grad():
+    expected = ref(x, text)
+  heads = json.dumps({'vision': {'num_heads': 2}, 'text': {'num_heads': 2}})
+  for dtype, atol in (('float32', 1e-5), ('bfloat16', 0.3)):
+    out = tmp_path / dtype
+    result = run_cli(archive, '--out', out, '--override', heads, '--dtype', dtype)
+    assert result.returncode == 0, result.stderr
+    assert 'detected: clip clip (openai layout)' in result.stdout
+    model, cfg = blip_jax.load(out)
+    assert cfg.vision.act == 'quick_gelu'
+    assert_close(model(nhwc(x), text.numpy()), expected, f'logits from {dtype} weights', atol=atol)
+
+
+def test_hf_folder_through_the_cli(tmp_path):
+  hf = build_hf(transformers.BlipForImageTextRetrieval)
+  hf.save_pretrained(tmp_path / 'hf')
+  assert main([str(tmp_path / 'hf'), '--out', str(tmp_path / 'out')]) == 0
+  model, _ = blip_jax.load(tmp_path / 'out')
+  x = images()
+  with torch.no_grad():
+    ref = hf.vision_model(x).last_hidden_state
+  assert_close(model.image_embeds(nhwc(x)), ref, 'vision states')
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys, hf_caption):
+  truncated = tmp_path / 'truncated.pth'
+  torch.save({'model': to_salesforce(hf_caption.state_dict())}, truncated)
+  truncated.write_bytes(truncated.read_bytes()[:5000])
+  cases = [
+      ([str(truncated)], 'could not read the PyTorch checkpoint'),
+      ([str(tmp_path / 'missing.pth')], 'checkpoint not found'),
+  ]
+  weird = tmp_path / 'weird.pth'
+  torch.save({'encoder.weight': torch.zeros(2, 2)}, weird)
+  cases.append(([str(weird)], 'not a BLIP checkpoint'))
+  bad_shape = tmp_path / 'bad_shape.pth'
+  sd = to_salesforce(hf_caption.state_dict())
+  sd['text_decoder.bert.encoder.layer.0.output.dense.weight'] = torch.zeros(24, 36)
+  torch.save(sd, bad_shape)
+  cases.append(([str(bad_shape), '--override', BLIP_HEADS], 'shape mismatch'))
+  occupied = tmp_path / 'occupied'
+  occupied.mkdir()
+  (occupied / 'notes.txt').write_text('mine')
+  cases.append(([str(weird), '--out', str(occupied)], 'not a blip_jax checkpoint'))
+  for args, message in cases:
+    if '--out' not in args:
+      args = args + ['--out', str(tmp_path / 'out')]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and message in err, err
+  assert (occupied / 'notes.txt').read_text() == 'mine'  # nothing overwritten
+  result = run_cli(truncated, '--out', tmp_path / 'x')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+
+
+def test_load_converts_pytorch_sources_in_memory(hf_caption):
+  model, cfg = blip_jax.load(hf_caption.state_dict(), **OVERRIDES)
+  x = images()
+  with torch.no_grad():
+    ref = hf_caption.vision_model(x).last_hidden_state
+  assert_close(model.image_embeds(nhwc(x)), ref, 'vision states')
