@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from blip_jax.convert.tree import named_variables
+from blip_jax.convert.tree import build_abstract, named_variables
 from blip_jax.models import blip, clip
 
 FORMAT = 'blip_jax/1'
@@ -104,15 +104,6 @@ def read_config(model_dir) -> dict[str, Any]:
     return json.load(f)
 
 
-def _abstract_model(family, task, config, seed):
-  """The model's structure without its weights; RNG state (dropout keys) made for real."""
-  make = lambda: build(family, task, config, seed=seed)
-  model = nnx.eval_shape(make)
-  # Under jit only the requested RNG state is computed: the weight initialisers are dead code.
-  nnx.update(model, jax.jit(lambda: nnx.state(make(), nnx.RngState))())
-  return model
-
-
 def load(source, *, seed: int = 0, **convert_kwargs):
   """Load a converted directory, or convert a PyTorch checkpoint in memory.
 
@@ -130,7 +121,7 @@ def load(source, *, seed: int = 0, **convert_kwargs):
   meta = read_config(source)
   family = meta['family']
   config = CONFIG_CLASSES[family].from_dict(meta['config'])
-  model = _abstract_model(family, meta['task'], config, seed)
+  model = build_abstract(lambda: build(family, meta['task'], config, seed=seed))
   variables = unique_weights(model)
   target = {path: jax.ShapeDtypeStruct(var.shape, var.dtype) for path, var in variables.items()}
   weights_dir = os.path.join(os.path.abspath(os.fspath(source)), WEIGHTS_DIR)

@@ -13,8 +13,8 @@ import numpy as np
 from flax import nnx
 
 from blip_jax.convert.readers import Checkpoint
-from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, count_indexed,
-                                   resize_vit_pos_embed)
+from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
+                                   count_indexed, materialise_initial_values, resize_vit_pos_embed)
 from blip_jax.models import blip as blip_models
 from blip_jax.models.bert import BertConfig
 from blip_jax.models.vit import ViTConfig
@@ -181,7 +181,8 @@ def convert(ckpt: Checkpoint, task: str = 'auto', *, strict: bool = True,
     raise ConversionError(f'{ckpt.source}: cannot infer the BLIP config, key {e} is missing') from e
   report = Report(source=ckpt.source, layout=layout, task=task)
   _tie_lm_heads(tensors, cfg, report)
-  model = blip_models.build(task, cfg, seed=seed)
+  make = lambda: blip_models.build(task, cfg, seed=seed)
+  model = build_abstract(make)  # weights are filled from the checkpoint, never initialised
   expected_missing = []
   if layout == 'huggingface':
     expected_missing.append((r'^temp$', 'HF layout has no ITC temperature; initialised to 0.07'))
@@ -197,6 +198,7 @@ def convert(ckpt: Checkpoint, task: str = 'auto', *, strict: bool = True,
       resize=((r'pos_embed$', resize_vit_pos_embed),),
   )
   assign(model, tensors, rules, report, strict=strict)
+  materialise_initial_values(model, make)  # the expected-missing ones (HF's temp, say)
   if cfg.with_momentum and not has_momentum:
     for online, momentum in model.momentum_pairs():
       nnx.update(momentum, nnx.state(online, nnx.Param))

@@ -78,6 +78,7 @@ def main(argv=None) -> int:
   print(f'detected: {model_io.family_of(config)} {report.task} ({report.layout} layout)')
   print(report.summary())
   provenance = {**model_io.provenance(ckpt, report), 'options': options}
+  ckpt.tensors.clear()  # unmap the source before writing: peak memory stays near one model
   model_io.save(args.out, model, config, task=report.task, dtype=args.dtype, provenance=provenance)
   print(f'wrote {args.out} ({args.dtype})')
   return 0

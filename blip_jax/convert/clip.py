@@ -14,8 +14,8 @@ import re
 import numpy as np
 
 from blip_jax.convert.readers import Checkpoint, TensorStore
-from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, count_indexed,
-                                   resize_vit_pos_embed)
+from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
+                                   count_indexed, materialise_initial_values, resize_vit_pos_embed)
 from blip_jax.models import clip as clip_models
 from blip_jax.models.bert import BertConfig
 
@@ -180,7 +180,9 @@ def convert(ckpt: Checkpoint, *, act: str | None = None, strict: bool = True, se
   except KeyError as e:
     raise ConversionError(f'{ckpt.source}: cannot infer the CLIP config, key {e} is missing') from e
   report = Report(source=ckpt.source, layout=layout, task='clip')
-  model = clip_models.build(cfg, seed=seed)
+  make = lambda: clip_models.build(cfg, seed=seed)
+  model = build_abstract(make)  # weights are filled from the checkpoint, never initialised
   rules = Rules(expected_unused=EXPECTED_UNUSED, resize=((r'pos_embed$', resize_vit_pos_embed),))
   assign(model, tensors, rules, report, strict=strict)
+  materialise_initial_values(model, make)
   return model, cfg, report

@@ -12,6 +12,7 @@ import dataclasses
 import re
 from typing import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -67,6 +68,26 @@ def named_variables(module: nnx.Module) -> list[tuple[str, nnx.Variable]]:
 
   walk(module, '')
   return out
+
+
+def build_abstract(make: Callable[[], nnx.Module]) -> nnx.Module:
+  """`make()`'s model with shape-only weights (no memory) but real RNG state (dropout keys)."""
+  model = nnx.eval_shape(make)
+  # Under jit only the requested outputs are computed: the weight initialisers are dead code.
+  nnx.update(model, jax.jit(lambda: nnx.state(make(), nnx.RngState))())
+  return model
+
+
+def materialise_initial_values(model: nnx.Module, make: Callable[[], nnx.Module]) -> list[str]:
+  """Give every still shape-only weight of `model` its initial value from `make()`, computing
+  only those; returns their paths."""
+  pending = {path: var for path, var in named_variables(model)
+             if isinstance(var.get_value(), jax.ShapeDtypeStruct)}
+  if pending:
+    values = jax.jit(lambda: {p: v.get_value() for p, v in named_variables(make()) if p in pending})()
+    for path, var in pending.items():
+      var.set_value(values[path])
+  return sorted(pending)
 
 
 def torch_name(path: str) -> str:
@@ -162,7 +183,8 @@ def assign(model: nnx.Module, tensors: Mapping[str, np.ndarray], rules: Rules, r
       else:
         report.skipped[key] = f'tied to {other_key}'
       continue
-    var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
+    # A copy: an alias of a memory-mapped source would keep the whole file mapped.
+    var.set_value(jnp.array(array, dtype=var.get_value().dtype, copy=True))
     assigned[id(var)] = key
     report.converted.append(key)
   unexpected = []
