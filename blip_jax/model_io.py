@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blip_jax.convert.tree import build_abstract, named_variables
-from blip_jax.models import blip, clip
+from blip_jax.models import blip, blip2, clip
 
 FORMAT = 'blip_jax/1'
 CONFIG_FILE = 'config.json'
@@ -32,6 +32,8 @@ WEIGHTS_DIR = 'weights'
 def family_of(config) -> str:
   if isinstance(config, blip.BlipConfig):
     return 'blip'
+  if isinstance(config, blip2.Blip2Config):
+    return 'blip2'
   if isinstance(config, clip.ChineseCLIPConfig):
     return 'chinese_clip'
   if isinstance(config, clip.CLIPConfig):
@@ -39,13 +41,15 @@ def family_of(config) -> str:
   raise TypeError(f'unknown model config type {type(config).__name__}')
 
 
-CONFIG_CLASSES = {'blip': blip.BlipConfig, 'clip': clip.CLIPConfig,
+CONFIG_CLASSES = {'blip': blip.BlipConfig, 'blip2': blip2.Blip2Config, 'clip': clip.CLIPConfig,
                   'chinese_clip': clip.ChineseCLIPConfig}
 
 
 def build(family: str, task: str, config, *, seed: int = 0) -> nnx.Module:
   if family == 'blip':
     return blip.build(task, config, seed=seed)
+  if family == 'blip2':
+    return blip2.build(config, seed=seed)
   return clip.build(config, seed=seed)
 
 

@@ -9,21 +9,23 @@ or an in-memory state dict of torch tensors or numpy arrays.
 from __future__ import annotations
 
 from blip_jax.convert import blip as _blip
+from blip_jax.convert import blip2 as _blip2
 from blip_jax.convert import clip as _clip
 from blip_jax.convert.readers import Checkpoint, read_checkpoint, read_checkpoints
 from blip_jax.convert.tree import ConversionError, Report
 
 BLIP_TASKS = ('feature_extractor', 'retrieval', 'caption', 'vqa', 'nlvr', 'pretrain')
-TASKS = BLIP_TASKS + ('clip',)
+TASKS = BLIP_TASKS + ('clip', 'blip2')
 
 
 def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training_state: bool = False,
                seed: int = 0, **config_overrides):
-  """Convert a PyTorch BLIP, CLIP or Chinese-CLIP checkpoint into a blip_jax model.
+  """Convert a PyTorch BLIP, BLIP-2 (stage 1), CLIP or Chinese-CLIP checkpoint into a blip_jax model.
 
   Args:
     source: path to a checkpoint file or HF folder, or a state dict.
-    task: one of TASKS ('clip' for CLIP checkpoints), or 'auto' to infer it from the keys.
+    task: one of TASKS ('clip' for CLIP, 'blip2' for BLIP-2 stage 1), or 'auto' to infer it
+      from the keys.
     strict: raise on checkpoint keys that the model does not read and no rule expects
       (with strict=False they are listed in the report instead) and on missing weights.
     keep_training_state: also load momentum encoders and feature queues.
@@ -41,6 +43,10 @@ def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training
 def convert_checkpoint(ckpt: Checkpoint, *, task: str = 'auto', strict: bool = True,
                        keep_training_state: bool = False, seed: int = 0, **config_overrides):
   """`load_torch` for an already opened `Checkpoint` (several merged sources, say)."""
+  if task == 'blip2' or (task == 'auto' and 'query_tokens' in ckpt.tensors):
+    if keep_training_state:
+      raise ConversionError('BLIP-2 checkpoints have no training state to keep')
+    return _blip2.convert(ckpt, strict=strict, seed=seed, **config_overrides)
   if task == 'clip' or (task == 'auto' and _looks_like_clip(ckpt.tensors)):
     if keep_training_state:
       raise ConversionError('CLIP checkpoints have no training state to keep')

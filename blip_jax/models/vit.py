@@ -1,5 +1,6 @@
-"""Vision Transformer encoder: BLIP's ViT-B/16 and ViT-L/16, and CLIP's image tower as a
-variant (no patch bias, `ln_pre`, no final norm, QuickGELU).
+"""Vision Transformer encoder: BLIP's ViT-B/16 and ViT-L/16, and as variants CLIP's image
+tower (no patch bias, `ln_pre`, no final norm, QuickGELU) and BLIP-2's EVA ViT-g (q/v biases
+without a key bias, no final norm).
 
 Attribute paths mirror salesforce/BLIP `models/vit.py` (`patch_embed.proj`, `cls_token`,
 `pos_embed`, `blocks[i].{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}`, `norm`), so a
@@ -31,6 +32,7 @@ class ViTConfig:
   patch_bias: bool = True  # CLIP's conv1 has no bias
   pre_norm: bool = False  # CLIP: LayerNorm `ln_pre` after the position embeddings
   final_norm: bool = True  # BLIP: `norm` on every output token; CLIP applies ln_post outside
+  qkv_bias: str = 'qkv'  # 'qv': EVA's q_bias / v_bias without a key bias
   drop_path_rate: float = 0.0
   # Rematerialise (gradient-checkpoint) the last `remat_layers` blocks: the originals'
   # `vit_grad_ckpt=True, vit_ckpt_layer=N`.
@@ -51,26 +53,41 @@ class ViTConfig:
 VIT_VARIANTS = {
     'base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
     'large': dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, drop_path_rate=0.1),
+    # EVA ViT-g as BLIP-2 uses it: 39 of its 40 blocks, no final norm (ln_vision follows).
+    'eva_g': dict(width=1408, depth=39, num_heads=16, mlp_dim=6144, patch_size=14, qkv_bias='qv',
+                  final_norm=False),
 }
 
 
 def vit_config(variant: str = 'base', **overrides) -> ViTConfig:
-  """BLIP ViT config by name ('base' or 'large'); keyword overrides win."""
+  """ViT config by name ('base', 'large': BLIP; 'eva_g': BLIP-2); keyword overrides win."""
   if variant not in VIT_VARIANTS:
     raise ValueError(f'unknown ViT variant {variant!r}; expected one of {sorted(VIT_VARIANTS)}')
   return ViTConfig(**{**VIT_VARIANTS[variant], **overrides})
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with a fused qkv projection (rows [q; k; v])."""
+  """Multi-head self-attention with a fused qkv projection (rows [q; k; v]).
 
-  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None):
+  `qkv_bias='qv'` is EVA's layout: no bias in `qkv`, separate `q_bias` and `v_bias`, no key bias.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, qkv_bias: str = 'qkv', rngs: nnx.Rngs, dtype=None):
+    if qkv_bias not in ('qkv', 'qv'):
+      raise ValueError(f"qkv_bias must be 'qkv' or 'qv', got {qkv_bias!r}")
     self.num_heads = num_heads
-    self.qkv = layers.linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
+    self.qkv = layers.linear(dim, 3 * dim, rngs=rngs, dtype=dtype, use_bias=qkv_bias == 'qkv')
+    if qkv_bias == 'qv':
+      self.q_bias = nnx.Param(jnp.zeros((dim,)))
+      self.v_bias = nnx.Param(jnp.zeros((dim,)))
     self.proj = layers.linear(dim, dim, rngs=rngs, dtype=dtype)
 
   def __call__(self, x, bias=None):
-    q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+    qkv = self.qkv(x)
+    if self.qkv.bias is None:
+      qkv = qkv + jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]),
+                                   self.v_bias[...]]).astype(qkv.dtype)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
     q, k, v = (layers.split_heads(t, self.num_heads) for t in (q, k, v))
     return self.proj(layers.merge_heads(layers.dot_product_attention(q, k, v, bias)))
 
@@ -79,9 +96,9 @@ class Block(nnx.Module):
   """Pre-norm transformer block with stochastic depth (also CLIP's text resblock)."""
 
   def __init__(self, width: int, num_heads: int, mlp_dim: int, *, ln_eps: float, act: str,
-               drop_path: float = 0.0, dtype=None, rngs: nnx.Rngs):
+               drop_path: float = 0.0, qkv_bias: str = 'qkv', dtype=None, rngs: nnx.Rngs):
     self.norm1 = layers.layer_norm(width, ln_eps, rngs=rngs, dtype=dtype)
-    self.attn = Attention(width, num_heads, rngs=rngs, dtype=dtype)
+    self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, rngs=rngs, dtype=dtype)
     self.norm2 = layers.layer_norm(width, ln_eps, rngs=rngs, dtype=dtype)
     self.mlp = layers.Mlp(width, mlp_dim, act, rngs=rngs, dtype=dtype)
     # Drop path = dropout of a whole sample's residual branch: one mask value per example.
@@ -123,7 +140,7 @@ class VisionTransformer(nnx.Module):
     rates = np.linspace(0.0, cfg.drop_path_rate, cfg.depth)
     self.blocks = nnx.List([
         Block(cfg.width, cfg.num_heads, cfg.mlp_dim, ln_eps=cfg.ln_eps, act=cfg.act, drop_path=float(r),
-              dtype=dtype, rngs=rngs) for r in rates])
+              qkv_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs) for r in rates])
     if cfg.final_norm:
       self.norm = layers.layer_norm(cfg.width, cfg.ln_eps, rngs=rngs, dtype=dtype)
 

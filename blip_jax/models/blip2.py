@@ -1,0 +1,115 @@
+"""BLIP-2 stage 1 (LAVIS `Blip2Qformer`; HF `Blip2ForImageTextRetrieval`): a frozen image
+encoder, `ln_vision`, 32 learned query tokens read by the Q-Former, and the ITC / ITM / ITG
+heads.
+
+- image features: the 32 query outputs, projected and normalised ([B, 32, E]);
+- ITC similarity of an image and a text: the max over its queries of the cosine with the
+  text's [CLS] feature;
+- ITM logit: the mean over the query positions of `itm_head` after bidirectional attention
+  over [queries; text];
+- ITG: text attends to all queries and to earlier text (the LM head of `Qformer.cls`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from blip_jax.models import layers
+from blip_jax.models.bert import lm_loss
+from blip_jax.models.qformer import QFormer, QFormerConfig
+from blip_jax.models.vit import ViTConfig, VisionTransformer, vit_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip2Config:
+  vision: ViTConfig = vit_config('eva_g', image_size=224)
+  qformer: QFormerConfig = QFormerConfig()
+  ln_vision_eps: float = 1e-5  # LAVIS; HF checkpoints carry their own value
+  embed_dim: int = 256
+  bos_token_id: int = 30522  # [DEC]: first token of the ITG decoder input
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    if self.qformer.encoder_width != self.vision.width:
+      raise ValueError(f'qformer.encoder_width ({self.qformer.encoder_width}) must equal the '
+                       f'image encoder width ({self.vision.width})')
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'Blip2Config':
+    d = dict(d)
+    return cls(vision=ViTConfig(**d.pop('vision')), qformer=QFormerConfig(**d.pop('qformer')), **d)
+
+
+class Blip2Qformer(nnx.Module):
+  """BLIP-2 stage 1."""
+
+  def __init__(self, cfg: Blip2Config, *, rngs: nnx.Rngs):
+    self.config = cfg
+    q = cfg.qformer
+    self.visual_encoder = VisionTransformer(cfg.vision, rngs=rngs)
+    self.ln_vision = layers.layer_norm(cfg.vision.width, cfg.ln_vision_eps, rngs=rngs)
+    self.query_tokens = nnx.Param(layers.INIT(rngs.params(), (1, q.num_query_tokens, q.hidden_size)))
+    self.Qformer = QFormer(q, rngs=rngs)
+    self.vision_proj = layers.linear(q.hidden_size, cfg.embed_dim, rngs=rngs)
+    self.text_proj = layers.linear(q.hidden_size, cfg.embed_dim, rngs=rngs)
+    self.itm_head = layers.linear(q.hidden_size, 2, rngs=rngs)
+    self.temp = nnx.Param(jnp.array(0.07, jnp.float32))
+
+  def image_embeds(self, images):
+    """Images [B, S, S, 3] -> ln_vision(image encoder states) [B, 1 + N, W]."""
+    return self.ln_vision(self.visual_encoder(images))
+
+  def _queries(self, batch: int):
+    return jnp.broadcast_to(self.query_tokens[...], (batch, *self.query_tokens.shape[1:]))
+
+  def query_states(self, image_embeds):
+    """The Q-Former's query outputs [B, Q, H] (the input of stage 2's LLM projection)."""
+    return self.Qformer.bert(self._queries(image_embeds.shape[0]), image_embeds=image_embeds)
+
+  def image_features(self, image_embeds):
+    """ITC image features [B, Q, E]: normalize(vision_proj(query states))."""
+    return layers.l2_normalize(self.vision_proj(self.query_states(image_embeds)))
+
+  def text_features(self, input_ids, attention_mask=None):
+    """ITC text features [B, E]: normalize(text_proj([CLS] state of the text alone))."""
+    states = self.Qformer.bert(input_ids=input_ids, attention_mask=attention_mask)
+    return layers.l2_normalize(self.text_proj(states[:, 0]))
+
+  def similarity(self, image_feat, text_feat):
+    """ITC similarity [B_img, B_txt]: max over the queries of the cosine."""
+    return jnp.einsum('iqe,te->iqt', image_feat, text_feat).max(axis=1)
+
+  def temperature(self):
+    return jnp.clip(self.temp[...], 0.001, 0.5)
+
+  def itm_logits(self, image_embeds, input_ids, attention_mask=None):
+    """ITM logits [B, 2] of image-text pairs: itm_head averaged over the query positions."""
+    queries = self._queries(image_embeds.shape[0])
+    states = self.Qformer.bert(queries, input_ids, attention_mask, image_embeds=image_embeds)
+    return self.itm_head(states[:, :queries.shape[1]]).mean(axis=1).astype(jnp.float32)
+
+  def itg_logits(self, image_embeds, input_ids, attention_mask=None):
+    """Image-grounded text generation logits [B, T, V] (`[DEC]` first): text attends to all
+    queries and to earlier text."""
+    queries = self._queries(image_embeds.shape[0])
+    ids = jnp.asarray(input_ids).at[:, 0].set(self.config.bos_token_id)
+    states = self.Qformer.bert(queries, ids, attention_mask, image_embeds=image_embeds,
+                               causal_text=True)
+    return self.Qformer.lm_logits(states[:, queries.shape[1]:])
+
+  def itg_loss(self, image_embeds, input_ids, attention_mask):
+    """ITG loss: label-smoothed LM loss on the text, pads ignored."""
+    labels = jnp.where(jnp.asarray(attention_mask) == 0, -100, input_ids)
+    logits = self.itg_logits(image_embeds, input_ids, attention_mask)
+    return lm_loss(logits, labels, label_smoothing=self.config.qformer.label_smoothing)
+
+
+def build(cfg: Blip2Config, *, seed: int = 0) -> Blip2Qformer:
+  return Blip2Qformer(cfg, rngs=nnx.Rngs(seed))

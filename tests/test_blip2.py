@@ -1,0 +1,110 @@
+"""BLIP-2 stage 1 against HF `Blip2ForImageTextRetrieval` (random weights, fp32), and the
+Q-Former's three attention masks."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from blip_jax.convert import ConversionError, load_torch
+from blip_jax.models import layers
+from torch_refs import assert_close, images, nhwc
+
+NUM_QUERY = 4
+
+
+@pytest.fixture(scope='module')
+def hf_and_ours(tmp_path_factory):
+  torch.manual_seed(0)
+  cfg = transformers.Blip2Config(
+      vision_config=dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=28, patch_size=7, qkv_bias=True, layer_norm_eps=1e-6),
+      qformer_config=dict(vocab_size=60, hidden_size=16, intermediate_size=37, num_hidden_layers=3,
+                          num_attention_heads=2, max_position_embeddings=20, cross_attention_frequency=2,
+                          encoder_hidden_size=24, use_qformer_text_input=True),
+      num_query_tokens=NUM_QUERY, image_text_hidden_size=12)
+  hf = transformers.Blip2ForImageTextRetrieval(cfg).eval()
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+    for layer in hf.vision_model.encoder.layers:  # EVA has no key bias: keep its third at zero
+      layer.self_attn.qkv.bias[24:48] = 0
+  path = tmp_path_factory.mktemp('hf_blip2')
+  hf.save_pretrained(path)
+  model, config, report = load_torch(path, bos_token_id=1)  # the tiny vocabulary's [DEC]
+  return hf, model, config, report
+
+
+IDS = torch.tensor([[2, 11, 12, 13, 3], [2, 14, 3, 0, 0]])
+MASK = (IDS != 0).long()
+
+
+def test_config_and_report(hf_and_ours):
+  _, _, cfg, report = hf_and_ours
+  assert report.task == 'blip2' and report.layout == 'huggingface'
+  assert (cfg.vision.qkv_bias, cfg.qformer.cross_attention_freq, cfg.qformer.num_query_tokens) == ('qv', 2, NUM_QUERY)
+  assert set(report.missing) >= {'temp', 'Qformer.cls.predictions.bias'}
+
+
+def test_image_embeds_and_query_states(hf_and_ours):
+  hf, model, _, _ = hf_and_ours
+  x = images(size=28)
+  with torch.no_grad():
+    vision = hf.vision_model(x).last_hidden_state  # includes post_layernorm = ln_vision
+    queries = hf.qformer(query_embeds=hf.query_tokens.expand(2, -1, -1),
+                         encoder_hidden_states=vision).last_hidden_state
+  embeds = model.image_embeds(nhwc(x))
+  assert_close(embeds, vision, 'ln_vision(image states)')
+  assert_close(model.query_states(embeds), queries, 'query states')
+
+
+def test_itc_similarity_is_max_over_queries(hf_and_ours):
+  hf, model, _, _ = hf_and_ours
+  x = images(size=28)
+  with torch.no_grad():
+    out = hf(pixel_values=x, input_ids=IDS, attention_mask=MASK, use_image_text_matching_head=False)
+  embeds = model.image_embeds(nhwc(x))
+  image_feat, text_feat = model.image_features(embeds), model.text_features(IDS.numpy(), MASK.numpy())
+  assert_close(image_feat, out.image_embeds, 'ITC image features [B, Q, E]')
+  assert_close(text_feat, out.text_embeds, 'ITC text features')
+  assert_close(model.similarity(image_feat, text_feat), out.logits_per_image, 'ITC similarity')
+
+
+def test_itm_logits_mean_over_queries(hf_and_ours):
+  hf, model, _, _ = hf_and_ours
+  x = images(size=28)
+  with torch.no_grad():
+    out = hf(pixel_values=x, input_ids=IDS, attention_mask=MASK, use_image_text_matching_head=True)
+  logits = model.itm_logits(model.image_embeds(nhwc(x)), IDS.numpy(), MASK.numpy())
+  assert_close(logits, out.logits_per_image, 'ITM logits')
+
+
+def test_itg_mask_text_sees_queries_and_earlier_text_only():
+  """The ITG mask of [4 queries; 3 text tokens]: queries see queries, text sees every query
+  and the text up to itself (and never padding)."""
+  valid = np.array([[1, 1, 1, 1, 1, 1, 0]])
+  mask_ar = np.array([[0, 0, 0, 0, 1, 1, 1]])
+  got = np.asarray(layers.make_attn_mask(valid, mask_ar))[0].astype(int)
+  expected = np.array([[1, 1, 1, 1, 0, 0, 0]] * 4 + [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0],
+                                                      [1, 1, 1, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_itg_logits_do_not_see_future_text(hf_and_ours):
+  """Changing a later token changes neither the earlier logits nor anything the queries see."""
+  _, model, _, _ = hf_and_ours
+  embeds = model.image_embeds(nhwc(images(size=28)))
+  a = np.array([[2, 11, 12, 13, 3]])
+  b = a.copy()
+  b[0, 3] = 40
+  la, lb = model.itg_logits(embeds[:1], a), model.itg_logits(embeds[:1], b)
+  assert_close(lb[:, :3], np.asarray(la[:, :3]), 'logits before the change')
+  assert np.abs(np.asarray(la[:, 3:]) - np.asarray(lb[:, 3:])).max() > 1e-4
+
+
+def test_key_bias_must_be_zero(tmp_path, hf_and_ours):
+  hf, *_ = hf_and_ours
+  sd = {k: v.clone() for k, v in hf.state_dict().items()}
+  sd['vision_model.encoder.layers.0.self_attn.qkv.bias'][30] = 1.0
+  with pytest.raises(ConversionError, match='no key bias'):
+    load_torch(sd, vision={'num_heads': 2}, qformer={'num_heads': 2})
