@@ -11,10 +11,12 @@ built with `nnx.eval_shape`, so loading never initialises (and never holds) a se
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import typing
 from typing import Any
 
 import jax
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blip_jax.convert.tree import build_abstract, named_variables
-from blip_jax.models import blip, blip2, clip
+from blip_jax.models import blip, blip2, clip, opt
 
 FORMAT = 'blip_jax/1'
 CONFIG_FILE = 'config.json'
@@ -34,6 +36,8 @@ def family_of(config) -> str:
     return 'blip'
   if isinstance(config, blip2.Blip2Config):
     return 'blip2'
+  if isinstance(config, opt.OPTConfig):
+    return 'opt'
   if isinstance(config, clip.ChineseCLIPConfig):
     return 'chinese_clip'
   if isinstance(config, clip.CLIPConfig):
@@ -41,8 +45,24 @@ def family_of(config) -> str:
   raise TypeError(f'unknown model config type {type(config).__name__}')
 
 
-CONFIG_CLASSES = {'blip': blip.BlipConfig, 'blip2': blip2.Blip2Config, 'clip': clip.CLIPConfig,
+CONFIG_CLASSES = {'blip': blip.BlipConfig, 'blip2': blip2.Blip2Config, 'opt': opt.OPTConfig,
+                  'clip': clip.CLIPConfig,
                   'chinese_clip': clip.ChineseCLIPConfig}
+
+
+def config_from_dict(cls, values: dict[str, Any]):
+  """Rebuild a (nested) config dataclass from `dataclasses.asdict` output."""
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(values) - names
+  if unknown:
+    raise ValueError(f'unknown {cls.__name__} fields in {CONFIG_FILE}: {sorted(unknown)}')
+  kwargs = {}
+  for name, value in values.items():
+    if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+      value = config_from_dict(hints[name], value)
+    kwargs[name] = value
+  return cls(**kwargs)
 
 
 def build(family: str, task: str, config, *, seed: int = 0) -> nnx.Module:
@@ -50,6 +70,8 @@ def build(family: str, task: str, config, *, seed: int = 0) -> nnx.Module:
     return blip.build(task, config, seed=seed)
   if family == 'blip2':
     return blip2.build(config, seed=seed)
+  if family == 'opt':
+    return opt.build(config, seed=seed)
   return clip.build(config, seed=seed)
 
 
@@ -98,7 +120,7 @@ def save(out_dir, model: nnx.Module, config, *, task: str, dtype: str = 'float32
   checkpointer.save(os.path.join(out_dir, WEIGHTS_DIR), weights)
   checkpointer.wait_until_finished()
   meta = {'format': FORMAT, 'family': family_of(config), 'task': task, 'dtype': dtype,
-          'config': config.to_dict(), 'provenance': provenance or {}}
+          'config': dataclasses.asdict(config), 'provenance': provenance or {}}
   with open(os.path.join(out_dir, CONFIG_FILE), 'w') as f:
     json.dump(meta, f, indent=2)
 
@@ -124,7 +146,7 @@ def load(source, *, seed: int = 0, **convert_kwargs):
   import orbax.checkpoint as ocp
   meta = read_config(source)
   family = meta['family']
-  config = CONFIG_CLASSES[family].from_dict(meta['config'])
+  config = config_from_dict(CONFIG_CLASSES[family], meta['config'])
   model = build_abstract(lambda: build(family, meta['task'], config, seed=seed))
   variables = unique_weights(model)
   target = {path: jax.ShapeDtypeStruct(var.shape, var.dtype) for path, var in variables.items()}

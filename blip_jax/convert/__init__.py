@@ -11,11 +11,12 @@ from __future__ import annotations
 from blip_jax.convert import blip as _blip
 from blip_jax.convert import blip2 as _blip2
 from blip_jax.convert import clip as _clip
+from blip_jax.convert import opt as _opt
 from blip_jax.convert.readers import Checkpoint, read_checkpoint, read_checkpoints
 from blip_jax.convert.tree import ConversionError, Report
 
 BLIP_TASKS = ('feature_extractor', 'retrieval', 'caption', 'vqa', 'nlvr', 'pretrain')
-TASKS = BLIP_TASKS + ('clip', 'blip2')
+TASKS = BLIP_TASKS + ('clip', 'blip2', 'opt')
 
 
 def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training_state: bool = False,
@@ -43,6 +44,8 @@ def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training
 def convert_checkpoint(ckpt: Checkpoint, *, task: str = 'auto', strict: bool = True,
                        keep_training_state: bool = False, seed: int = 0, **config_overrides):
   """`load_torch` for an already opened `Checkpoint` (several merged sources, say)."""
+  if task == 'opt' or (task == 'auto' and 'model.decoder.embed_tokens.weight' in ckpt.tensors):
+    return _opt.convert(ckpt, strict=strict, seed=seed, **config_overrides)
   if task == 'blip2' or (task == 'auto' and 'query_tokens' in ckpt.tensors):
     if keep_training_state:
       raise ConversionError('BLIP-2 checkpoints have no training state to keep')

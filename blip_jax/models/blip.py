@@ -17,7 +17,6 @@ tokens themselves, so callers pass plain BERT tokenizer output.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,14 +46,6 @@ class BlipConfig:
     if self.text.encoder_width != self.vision.width:
       raise ValueError(f'text.encoder_width ({self.text.encoder_width}) must equal the ViT width '
                        f'({self.vision.width}): cross-attention reads the image tokens')
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> 'BlipConfig':
-    d = dict(d)
-    return cls(vision=ViTConfig(**d.pop('vision')), text=BertConfig(**d.pop('text')), **d)
 
 
 def blip_config(vit: str = 'base', image_size: int = 384, *, vision: dict | None = None,

@@ -13,7 +13,6 @@ heads.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -37,14 +36,6 @@ class Blip2Config:
     if self.qformer.encoder_width != self.vision.width:
       raise ValueError(f'qformer.encoder_width ({self.qformer.encoder_width}) must equal the '
                        f'image encoder width ({self.vision.width})')
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> 'Blip2Config':
-    d = dict(d)
-    return cls(vision=ViTConfig(**d.pop('vision')), qformer=QFormerConfig(**d.pop('qformer')), **d)
 
 
 class Blip2Qformer(nnx.Module):

@@ -12,7 +12,6 @@ tower they follow the shared ViT (`visual.blocks[i].attn.qkv`, ...).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -42,14 +41,6 @@ class CLIPConfig:
   vision: ViTConfig = ViTConfig()
   text: CLIPTextConfig = CLIPTextConfig()
   embed_dim: int = 512
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> 'CLIPConfig':
-    d = dict(d)
-    return cls(vision=ViTConfig(**d.pop('vision')), text=CLIPTextConfig(**d.pop('text')), **d)
 
 
 def clip_vision_config(**kw) -> ViTConfig:
@@ -170,13 +161,6 @@ class ChineseCLIPConfig:
   text: BertConfig = BertConfig(vocab_size=21128, add_cross_attention=False, type_vocab_size=2,
                                 hidden_dropout=0.0, attention_dropout=0.0)
   embed_dim: int = 512
-
-  to_dict = CLIPConfig.to_dict
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> 'ChineseCLIPConfig':
-    d = dict(d)
-    return cls(vision=ViTConfig(**d.pop('vision')), text=BertConfig(**d.pop('text')), **d)
 
 
 class ChineseCLIP(_TwoTowers):
