@@ -59,8 +59,10 @@ def config_from_dict(cls, values: dict[str, Any]):
     raise ValueError(f'unknown {cls.__name__} fields in {CONFIG_FILE}: {sorted(unknown)}')
   kwargs = {}
   for name, value in values.items():
-    if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
-      value = config_from_dict(hints[name], value)
+    if isinstance(value, dict):  # a nested config, possibly Optional
+      nested = [t for t in (hints[name], *typing.get_args(hints[name])) if dataclasses.is_dataclass(t)]
+      if nested:
+        value = config_from_dict(nested[0], value)
     kwargs[name] = value
   return cls(**kwargs)
 

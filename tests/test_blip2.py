@@ -108,3 +108,98 @@ def test_key_bias_must_be_zero(tmp_path, hf_and_ours):
   sd['vision_model.encoder.layers.0.self_attn.qkv.bias'][30] = 1.0
   with pytest.raises(ConversionError, match='no key bias'):
     load_torch(sd, vision={'num_heads': 2}, qformer={'num_heads': 2})
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: OPT reads the projected query outputs as a prefix.
+
+IMAGE_TOKEN = 39
+
+
+@pytest.fixture(scope='module')
+def hf_stage2():
+  torch.manual_seed(0)
+  cfg = transformers.Blip2Config(
+      vision_config=dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=28, patch_size=7, qkv_bias=True, layer_norm_eps=1e-6),
+      qformer_config=dict(hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                          cross_attention_frequency=1, encoder_hidden_size=24),
+      text_config=dict(model_type='opt', vocab_size=40, hidden_size=20, num_hidden_layers=2, ffn_dim=37,
+                       num_attention_heads=2, max_position_embeddings=30),
+      num_query_tokens=NUM_QUERY, image_token_index=IMAGE_TOKEN)
+  hf = transformers.Blip2ForConditionalGeneration(cfg).eval()
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+    for layer in hf.vision_model.encoder.layers:
+      layer.self_attn.qkv.bias[24:48] = 0
+  hf.tie_weights()
+  return hf
+
+
+TEXT = torch.tensor([[2, 11, 12, 13, 14], [2, 15, 16, 1, 1]])
+TEXT_MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+
+
+def _hf_stage2_logits(hf, x):
+  ids = torch.cat([torch.full((2, NUM_QUERY), IMAGE_TOKEN), TEXT], 1)
+  mask = torch.cat([torch.ones(2, NUM_QUERY, dtype=torch.long), TEXT_MASK], 1)
+  with torch.no_grad():
+    return hf(pixel_values=x, input_ids=ids, attention_mask=mask).logits
+
+
+def _compare_stage2(model, hf):
+  x = images(size=28)
+  ref = _hf_stage2_logits(hf, x)
+  logits = np.asarray(model.logits(model.image_embeds(nhwc(x)), TEXT.numpy(), TEXT_MASK.numpy()))
+  real = np.concatenate([np.ones((2, NUM_QUERY), bool), TEXT_MASK.numpy().astype(bool)], 1)
+  assert_close(logits[real], ref.numpy()[real], 'OPT logits over [image prefix; text]')
+
+
+def test_stage2_hf_logits(tmp_path, hf_stage2):
+  hf_stage2.save_pretrained(tmp_path)
+  model, cfg, report = load_torch(tmp_path)
+  assert report.task == 'blip2_opt' and not cfg.qformer.text_input and cfg.opt.hidden_size == 20
+  _compare_stage2(model, hf_stage2)
+
+
+def test_stage2_lavis_files_merged_with_vit_and_opt(tmp_path, hf_stage2):
+  """A LAVIS stage-2 .pth (no ViT, no OPT) + EVA ViT-g .pth (40 blocks, bare keys) + HF OPT folder."""
+  sd = hf_stage2.state_dict()
+  rename = [('qformer.layernorm.', 'Qformer.bert.embeddings.LayerNorm.'), ('qformer.encoder.', 'Qformer.bert.encoder.'),
+            ('.attention.attention.', '.attention.self.'), ('.crossattention.attention.', '.crossattention.self.'),
+            ('language_projection.', 'opt_proj.'), ('vision_model.post_layernorm.', 'ln_vision.')]
+  lavis = {}
+  for key, value in sd.items():
+    if key.startswith(('vision_model.embeddings', 'vision_model.encoder', 'language_model.')):
+      continue
+    for a, b in rename:
+      key = key.replace(a, b)
+    lavis[key] = value
+  torch.save({'model': lavis}, tmp_path / 'blip2_opt.pth')
+  eva = {'cls_token': sd['vision_model.embeddings.class_embedding'],
+         'pos_embed': sd['vision_model.embeddings.position_embedding'],
+         'patch_embed.proj.weight': sd['vision_model.embeddings.patch_embedding.weight'],
+         'patch_embed.proj.bias': sd['vision_model.embeddings.patch_embedding.bias']}
+  for i in range(3):  # the checkpoint has one block more than BLIP-2 uses
+    j = min(i, 1)
+    p = f'vision_model.encoder.layers.{j}.'
+    qkv_bias = sd[p + 'self_attn.qkv.bias']
+    eva.update({f'blocks.{i}.norm1.weight': sd[p + 'layer_norm1.weight'], f'blocks.{i}.norm1.bias': sd[p + 'layer_norm1.bias'],
+                f'blocks.{i}.attn.qkv.weight': sd[p + 'self_attn.qkv.weight'],
+                f'blocks.{i}.attn.q_bias': qkv_bias[:24], f'blocks.{i}.attn.v_bias': qkv_bias[48:],
+                f'blocks.{i}.attn.proj.weight': sd[p + 'self_attn.projection.weight'],
+                f'blocks.{i}.attn.proj.bias': sd[p + 'self_attn.projection.bias'],
+                f'blocks.{i}.norm2.weight': sd[p + 'layer_norm2.weight'], f'blocks.{i}.norm2.bias': sd[p + 'layer_norm2.bias'],
+                f'blocks.{i}.mlp.fc1.weight': sd[p + 'mlp.fc1.weight'], f'blocks.{i}.mlp.fc1.bias': sd[p + 'mlp.fc1.bias'],
+                f'blocks.{i}.mlp.fc2.weight': sd[p + 'mlp.fc2.weight'], f'blocks.{i}.mlp.fc2.bias': sd[p + 'mlp.fc2.bias']})
+  torch.save(eva, tmp_path / 'eva_vit_g.pth')
+  hf_stage2.language_model.save_pretrained(tmp_path / 'opt')
+  heads = dict(vision={'num_heads': 2, 'ln_eps': 1e-6}, qformer={'num_heads': 2}, ln_vision_eps=1e-6)
+  with pytest.raises(ConversionError, match='omit the frozen ViT'):
+    load_torch(tmp_path / 'blip2_opt.pth', **heads)
+  with pytest.raises(ConversionError, match='omit the\s+frozen LLM'):
+    load_torch([tmp_path / 'blip2_opt.pth', tmp_path / 'eva_vit_g.pth'], **heads)
+  model, cfg, report = load_torch([tmp_path / 'blip2_opt.pth', tmp_path / 'eva_vit_g.pth', tmp_path / 'opt'], **heads)
+  assert cfg.vision.depth == 2 and 'visual_encoder.blocks.2.norm1.weight' in report.skipped
+  _compare_stage2(model, hf_stage2)

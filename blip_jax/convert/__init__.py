@@ -21,12 +21,13 @@ TASKS = BLIP_TASKS + ('clip', 'blip2', 'opt')
 
 def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training_state: bool = False,
                seed: int = 0, **config_overrides):
-  """Convert a PyTorch BLIP, BLIP-2 (stage 1), CLIP or Chinese-CLIP checkpoint into a blip_jax model.
+  """Convert a PyTorch BLIP, BLIP-2, OPT, CLIP or Chinese-CLIP checkpoint into a blip_jax model.
 
   Args:
-    source: path to a checkpoint file or HF folder, or a state dict.
-    task: one of TASKS ('clip' for CLIP, 'blip2' for BLIP-2 stage 1), or 'auto' to infer it
-      from the keys.
+    source: path to a checkpoint file or HF folder, a state dict, or a list of these merged
+      into one checkpoint (LAVIS BLIP-2 + its EVA ViT + the HF OPT folder).
+    task: one of TASKS ('clip' for CLIP, 'blip2' for BLIP-2 stage 1 or 2, 'opt' for a bare
+      OPT), or 'auto' to infer it from the keys.
     strict: raise on checkpoint keys that the model does not read and no rule expects
       (with strict=False they are listed in the report instead) and on missing weights.
     keep_training_state: also load momentum encoders and feature queues.
@@ -37,19 +38,20 @@ def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training
   Returns:
     (model, config, report): the NNX model, its config and a `Report` of every key.
   """
-  return convert_checkpoint(read_checkpoint(source), task=task, strict=strict,
+  ckpt = read_checkpoints(source) if isinstance(source, (list, tuple)) else read_checkpoint(source)
+  return convert_checkpoint(ckpt, task=task, strict=strict,
                             keep_training_state=keep_training_state, seed=seed, **config_overrides)
 
 
 def convert_checkpoint(ckpt: Checkpoint, *, task: str = 'auto', strict: bool = True,
                        keep_training_state: bool = False, seed: int = 0, **config_overrides):
   """`load_torch` for an already opened `Checkpoint` (several merged sources, say)."""
-  if task == 'opt' or (task == 'auto' and 'model.decoder.embed_tokens.weight' in ckpt.tensors):
-    return _opt.convert(ckpt, strict=strict, seed=seed, **config_overrides)
   if task == 'blip2' or (task == 'auto' and 'query_tokens' in ckpt.tensors):
     if keep_training_state:
       raise ConversionError('BLIP-2 checkpoints have no training state to keep')
     return _blip2.convert(ckpt, strict=strict, seed=seed, **config_overrides)
+  if task == 'opt' or (task == 'auto' and 'model.decoder.embed_tokens.weight' in ckpt.tensors):
+    return _opt.convert(ckpt, strict=strict, seed=seed, **config_overrides)
   if task == 'clip' or (task == 'auto' and _looks_like_clip(ckpt.tensors)):
     if keep_training_state:
       raise ConversionError('CLIP checkpoints have no training state to keep')

@@ -1,6 +1,8 @@
-"""BLIP-2 stage-1 checkpoints (LAVIS `Blip2Qformer` names, HF `Blip2ForImageTextRetrieval`)
--> blip_jax `Blip2Qformer`.
+"""BLIP-2 checkpoints -> blip_jax `Blip2Qformer` (stage 1) / `Blip2OPT` (stage 2).
 
+Layouts: HF `Blip2ForImageTextRetrieval` / `Blip2ForConditionalGeneration` (one folder), and
+LAVIS `.pth` files, which omit the frozen parts: give the EVA ViT-g checkpoint (bare `blocks.*`
+keys; BLIP-2 uses 39 of its 40 blocks) and, for stage 2, the HF OPT folder as further sources.
 HF names are renamed to LAVIS's, which our modules mirror; HF's fused qkv bias
 `[q_bias; 0; v_bias]` is split back into EVA's `q_bias` / `v_bias` (its key part must be zero).
 """
@@ -11,6 +13,8 @@ import re
 
 import numpy as np
 
+from blip_jax.convert.opt import infer_config as opt_infer_config
+from blip_jax.convert.opt import tie_lm_head as tie_opt_lm_head
 from blip_jax.convert.readers import Checkpoint
 from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
                                    count_indexed, materialise_initial_values, resize_vit_pos_embed)
@@ -33,8 +37,18 @@ HF_RENAMES = (
     (r'\.crossattention\.attention\.', '.crossattention.self.'),
     (r'^vision_projection\.', 'vision_proj.'),
     (r'^text_projection\.', 'text_proj.'),
+    (r'^language_projection\.', 'opt_proj.'),
+    (r'^language_model\.', 'opt_model.'),
 )
-EXPECTED_UNUSED = ((r'\.position_ids$', 'buffer (position indices), not a parameter'),)
+# Separately given frozen parts of a LAVIS checkpoint: a bare EVA ViT and a bare HF OPT.
+BARE_PART_RENAMES = (
+    (r'^(cls_token|pos_embed|patch_embed\.|blocks\.|norm\.|fc_norm\.|head\.)', r'visual_encoder.\1'),
+    (r'^(model\.decoder\.|lm_head\.)', r'opt_model.\1'),
+)
+EXPECTED_UNUSED = (
+    (r'\.position_ids$', 'buffer (position indices), not a parameter'),
+    (r'^visual_encoder\.(norm|fc_norm|head)\.', 'EVA classification parts, unused by BLIP-2'),
+)
 
 
 def detect_layout(keys) -> str:
@@ -47,10 +61,12 @@ def detect_layout(keys) -> str:
                         f'"qformer.encoder.*" (HuggingFace), found e.g. {sorted(keys)[:5]}')
 
 
-def _rename(key: str) -> str:
-  for pattern, repl in HF_RENAMES:
-    key = re.sub(pattern, repl, key)
-  return key
+def _renamer(renames):
+  def rename(key: str) -> str:
+    for pattern, repl in renames:
+      key = re.sub(pattern, repl, key)
+    return key
+  return rename
 
 
 def split_hf_qkv_bias(tensors) -> None:
@@ -62,41 +78,52 @@ def split_hf_qkv_bias(tensors) -> None:
     tensors[key.replace('qkv.bias', 'v_bias')] = v
 
 
-def infer_config(t, hf_config, overrides) -> blip2_models.Blip2Config:
+def infer_config(t, hf_config, bare_vit: bool, overrides) -> blip2_models.Blip2Config:
   keys = list(t)
   width = t['visual_encoder.cls_token'].shape[-1]
   patch = t['visual_encoder.patch_embed.proj.weight'].shape[-1]
   grid = int(round((t['visual_encoder.pos_embed'].shape[1] - 1) ** 0.5))
+  depth = count_indexed(keys, r'visual_encoder\.blocks\.(\d+)\.')
   vision = dict(width=width, patch_size=patch, image_size=grid * patch, final_norm=False,
-                depth=count_indexed(keys, r'visual_encoder\.blocks\.(\d+)\.'),
+                depth=depth - 1 if bare_vit else depth,  # LAVIS drops EVA ViT-g's last block
                 mlp_dim=t['visual_encoder.blocks.0.mlp.fc1.weight'].shape[0],
                 num_heads=16 if width == 1408 else width // 64,  # EVA ViT-g: 16 heads of 88
                 qkv_bias='qv' if 'visual_encoder.blocks.0.attn.q_bias' in t else 'qkv')
-  vocab, hidden = t['Qformer.bert.embeddings.word_embeddings.weight'].shape
+  hidden = t['query_tokens'].shape[-1]
   cross = sorted({int(m.group(1)) for k in keys
                   if (m := re.match(r'Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.', k))})
-  qformer = dict(vocab_size=vocab, hidden_size=hidden, num_heads=hidden // 64,
+  qformer = dict(hidden_size=hidden, num_heads=hidden // 64,
                  num_layers=count_indexed(keys, r'Qformer\.bert\.encoder\.layer\.(\d+)\.'),
                  intermediate_size=t['Qformer.bert.encoder.layer.0.intermediate_query.dense.weight'].shape[0],
-                 max_position_embeddings=t['Qformer.bert.embeddings.position_embeddings.weight'].shape[0],
                  encoder_width=width, num_query_tokens=t['query_tokens'].shape[1],
-                 cross_attention_freq=cross[1] - cross[0] if len(cross) > 1 else 1)
+                 cross_attention_freq=cross[1] - cross[0] if len(cross) > 1 else 1,
+                 text_input='Qformer.bert.embeddings.word_embeddings.weight' in t)
+  if qformer['text_input']:
+    qformer['vocab_size'] = t['Qformer.bert.embeddings.word_embeddings.weight'].shape[0]
+    qformer['max_position_embeddings'] = t['Qformer.bert.embeddings.position_embeddings.weight'].shape[0]
   extra = {'embed_dim': t['vision_proj.weight'].shape[0]} if 'vision_proj.weight' in t else {}
-  if hf_config:
-    vc, qc = hf_config.get('vision_config', {}), hf_config.get('qformer_config', {})
-    for ours, theirs in (('num_heads', 'num_attention_heads'), ('ln_eps', 'layer_norm_eps'),
-                         ('act', 'hidden_act')):
-      if theirs in vc:
-        vision[ours] = vc[theirs]
-      if theirs in qc:
-        qformer[ours] = qc[theirs]
-    if 'layer_norm_eps' in vc:
-      extra['ln_vision_eps'] = vc['layer_norm_eps']  # HF's post_layernorm shares the layers' eps
+  hf_config = hf_config or {}
+  blip2_hf = hf_config if 'qformer_config' in hf_config else {}
+  opt_hf = blip2_hf.get('text_config') or (hf_config if hf_config.get('model_type') == 'opt' else None)
+  vc, qc = blip2_hf.get('vision_config', {}), blip2_hf.get('qformer_config', {})
+  for ours, theirs in (('num_heads', 'num_attention_heads'), ('ln_eps', 'layer_norm_eps'),
+                       ('act', 'hidden_act')):
+    if theirs in vc:
+      vision[ours] = vc[theirs]
+    if theirs in qc:
+      qformer[ours] = qc[theirs]
+  if 'layer_norm_eps' in vc:
+    extra['ln_vision_eps'] = vc['layer_norm_eps']  # HF's post_layernorm shares the layers' eps
   overrides = dict(overrides)
   vision.update(overrides.pop('vision', {}) or {})
   if 'image_size' in overrides:
     vision['image_size'] = overrides.pop('image_size')
   qformer.update(overrides.pop('qformer', {}) or {})
+  if 'opt_proj.weight' in t:
+    if 'opt_model.model.decoder.embed_tokens.weight' not in t:
+      raise ConversionError('a BLIP-2 OPT checkpoint without the OPT weights: LAVIS files omit the '
+                            'frozen LLM, give its HF folder (e.g. opt-2.7b) as another source')
+    extra['opt'] = opt_infer_config(t, 'opt_model.', opt_hf, overrides.pop('opt', {}) or {})
   try:
     return blip2_models.Blip2Config(vision=ViTConfig(**vision), qformer=QFormerConfig(**qformer),
                                     **{**extra, **overrides})
@@ -117,24 +144,31 @@ def _tie_lm_head(tensors, report):
 def convert(ckpt: Checkpoint, *, strict: bool = True, seed: int = 0, **overrides):
   """Build the BLIP-2 stage-1 model and fill it from `ckpt`. Returns (model, config, report)."""
   layout = detect_layout(ckpt.tensors)
-  tensors = ckpt.tensors.renamed(_rename if layout == 'huggingface' else str)
+  bare_vit = 'blocks.0.attn.qkv.weight' in ckpt.tensors
+  renames = (HF_RENAMES if layout == 'huggingface' else ()) + BARE_PART_RENAMES
+  tensors = ckpt.tensors.renamed(_renamer(renames))
   if layout == 'huggingface':
     split_hf_qkv_bias(tensors)
   try:
-    cfg = infer_config(tensors, ckpt.hf_config, overrides)
+    cfg = infer_config(tensors, ckpt.hf_config, bare_vit, overrides)
   except KeyError as e:
     raise ConversionError(f'{ckpt.source}: cannot infer the BLIP-2 config, key {e} is missing'
                           + (' (LAVIS checkpoints omit the frozen ViT: give its checkpoint too)'
                              if 'visual_encoder' in str(e) else '')) from e
-  report = Report(source=ckpt.source, layout=layout, task='blip2')
+  report = Report(source=ckpt.source, layout=layout, task='blip2' if cfg.opt is None else 'blip2_opt')
   _tie_lm_head(tensors, report)
+  if cfg.opt is not None:
+    tie_opt_lm_head(tensors, 'opt_model.', report)
   make = lambda: blip2_models.build(cfg, seed=seed)
   model = build_abstract(make)
   expected_missing = []
-  if layout == 'huggingface':
+  if layout == 'huggingface' and cfg.opt is None:
     expected_missing += [(r'^temp$', 'HF layout has no ITC temperature; initialised to 0.07'),
                          (r'^Qformer\.cls\.', 'HF Blip2ForImageTextRetrieval has no ITG head; initialised')]
-  rules = Rules(expected_unused=EXPECTED_UNUSED, expected_missing=tuple(expected_missing),
+  unused = EXPECTED_UNUSED
+  if bare_vit:
+    unused += ((rf'^visual_encoder\.blocks\.{cfg.vision.depth}\.', 'the last EVA block, which BLIP-2 drops'),)
+  rules = Rules(expected_unused=unused, expected_missing=tuple(expected_missing),
                 resize=((r'pos_embed$', resize_vit_pos_embed),))
   assign(model, tensors, rules, report, strict=strict)
   materialise_initial_values(model, make)

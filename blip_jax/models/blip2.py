@@ -1,13 +1,15 @@
-"""BLIP-2 stage 1 (LAVIS `Blip2Qformer`; HF `Blip2ForImageTextRetrieval`): a frozen image
-encoder, `ln_vision`, 32 learned query tokens read by the Q-Former, and the ITC / ITM / ITG
-heads.
+"""BLIP-2: a frozen image encoder, `ln_vision`, 32 learned query tokens read by the Q-Former;
+stage 1 (LAVIS `Blip2Qformer`; HF `Blip2ForImageTextRetrieval`) adds the ITC / ITM / ITG heads,
+stage 2 (LAVIS `Blip2OPT`; HF `Blip2ForConditionalGeneration`) feeds the projected query
+outputs to a frozen OPT as a prefix of the text.
 
 - image features: the 32 query outputs, projected and normalised ([B, 32, E]);
 - ITC similarity of an image and a text: the max over its queries of the cosine with the
   text's [CLS] feature;
 - ITM logit: the mean over the query positions of `itm_head` after bidirectional attention
   over [queries; text];
-- ITG: text attends to all queries and to earlier text (the LM head of `Qformer.cls`).
+- ITG: text attends to all queries and to earlier text (the LM head of `Qformer.cls`);
+- stage 2: OPT over [opt_proj(query outputs); text embeddings], LM loss on the text only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flax import nnx
 
 from blip_jax.models import layers
 from blip_jax.models.bert import lm_loss
+from blip_jax.models.opt import OPTConfig, OPTForCausalLM
 from blip_jax.models.qformer import QFormer, QFormerConfig
 from blip_jax.models.vit import ViTConfig, VisionTransformer, vit_config
 
@@ -31,6 +34,7 @@ class Blip2Config:
   embed_dim: int = 256
   bos_token_id: int = 30522  # [DEC]: first token of the ITG decoder input
   pad_token_id: int = 0
+  opt: OPTConfig | None = None  # set for stage 2
 
   def __post_init__(self):
     if self.qformer.encoder_width != self.vision.width:
@@ -38,8 +42,8 @@ class Blip2Config:
                        f'image encoder width ({self.vision.width})')
 
 
-class Blip2Qformer(nnx.Module):
-  """BLIP-2 stage 1."""
+class _Blip2Base(nnx.Module):
+  """What both stages share: image encoder, ln_vision, query tokens, Q-Former."""
 
   def __init__(self, cfg: Blip2Config, *, rngs: nnx.Rngs):
     self.config = cfg
@@ -48,10 +52,6 @@ class Blip2Qformer(nnx.Module):
     self.ln_vision = layers.layer_norm(cfg.vision.width, cfg.ln_vision_eps, rngs=rngs)
     self.query_tokens = nnx.Param(layers.INIT(rngs.params(), (1, q.num_query_tokens, q.hidden_size)))
     self.Qformer = QFormer(q, rngs=rngs)
-    self.vision_proj = layers.linear(q.hidden_size, cfg.embed_dim, rngs=rngs)
-    self.text_proj = layers.linear(q.hidden_size, cfg.embed_dim, rngs=rngs)
-    self.itm_head = layers.linear(q.hidden_size, 2, rngs=rngs)
-    self.temp = nnx.Param(jnp.array(0.07, jnp.float32))
 
   def image_embeds(self, images):
     """Images [B, S, S, 3] -> ln_vision(image encoder states) [B, 1 + N, W]."""
@@ -61,8 +61,20 @@ class Blip2Qformer(nnx.Module):
     return jnp.broadcast_to(self.query_tokens[...], (batch, *self.query_tokens.shape[1:]))
 
   def query_states(self, image_embeds):
-    """The Q-Former's query outputs [B, Q, H] (the input of stage 2's LLM projection)."""
+    """The Q-Former's query outputs [B, Q, H]."""
     return self.Qformer.bert(self._queries(image_embeds.shape[0]), image_embeds=image_embeds)
+
+
+class Blip2Qformer(_Blip2Base):
+  """BLIP-2 stage 1."""
+
+  def __init__(self, cfg: Blip2Config, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    q = cfg.qformer
+    self.vision_proj = layers.linear(q.hidden_size, cfg.embed_dim, rngs=rngs)
+    self.text_proj = layers.linear(q.hidden_size, cfg.embed_dim, rngs=rngs)
+    self.itm_head = layers.linear(q.hidden_size, 2, rngs=rngs)
+    self.temp = nnx.Param(jnp.array(0.07, jnp.float32))
 
   def image_features(self, image_embeds):
     """ITC image features [B, Q, E]: normalize(vision_proj(query states))."""
@@ -102,5 +114,37 @@ class Blip2Qformer(nnx.Module):
     return lm_loss(logits, labels, label_smoothing=self.config.qformer.label_smoothing)
 
 
-def build(cfg: Blip2Config, *, seed: int = 0) -> Blip2Qformer:
-  return Blip2Qformer(cfg, rngs=nnx.Rngs(seed))
+class Blip2OPT(_Blip2Base):
+  """BLIP-2 stage 2 with OPT: query outputs -> `opt_proj` -> prefix of the frozen `opt_model`."""
+
+  def __init__(self, cfg: Blip2Config, *, rngs: nnx.Rngs):
+    if cfg.opt is None:
+      raise ValueError('Blip2OPT needs Blip2Config.opt')
+    super().__init__(cfg, rngs=rngs)
+    self.opt_proj = layers.linear(cfg.qformer.hidden_size, cfg.opt.embed_dim, rngs=rngs)
+    self.opt_model = OPTForCausalLM(cfg.opt, rngs=rngs)
+
+  def prefix(self, image_embeds):
+    """The LLM input of an image: opt_proj(query outputs) [B, Q, D]."""
+    return self.opt_proj(self.query_states(image_embeds))
+
+  def logits(self, image_embeds, input_ids, attention_mask=None):
+    """OPT logits [B, Q + T, V] over [image prefix; text] (position t predicts t + 1)."""
+    prefix = self.prefix(image_embeds)
+    text = self.opt_model.embed(input_ids)
+    if attention_mask is None:
+      attention_mask = jnp.ones(text.shape[:2], jnp.int32)
+    mask = jnp.concatenate([jnp.ones(prefix.shape[:2], jnp.int32), jnp.asarray(attention_mask, jnp.int32)], 1)
+    return self.opt_model(attention_mask=mask, inputs_embeds=jnp.concatenate([prefix, text.astype(prefix.dtype)], 1))
+
+  def loss(self, image_embeds, input_ids, attention_mask, prompt_length: int = 0):
+    """LM loss on the text only (no smoothing): prefix, prompt and padding are ignored."""
+    logits = self.logits(image_embeds, input_ids, attention_mask)
+    labels = jnp.where(jnp.asarray(attention_mask) == 0, -100, input_ids).at[:, :prompt_length].set(-100)
+    labels = jnp.concatenate([jnp.full((labels.shape[0], self.config.qformer.num_query_tokens), -100), labels], 1)
+    return lm_loss(logits, labels, label_smoothing=0.0)
+
+
+def build(cfg: Blip2Config, *, seed: int = 0) -> Blip2Qformer | Blip2OPT:
+  """Stage 2 (Blip2OPT) when `cfg.opt` is set, else stage 1 (Blip2Qformer)."""
+  return (Blip2OPT if cfg.opt is not None else Blip2Qformer)(cfg, rngs=nnx.Rngs(seed))

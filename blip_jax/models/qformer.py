@@ -43,6 +43,9 @@ class QFormerConfig:
   encoder_width: int = 1408  # the image encoder's width (EVA ViT-g)
   cross_attention_freq: int = 2
   num_query_tokens: int = 32
+  # Stage 2 (BLIP-2 with an LLM) drops the text side: word/position embeddings, the text FFNs
+  # and the LM head.
+  text_input: bool = True
   label_smoothing: float = 0.1
   dtype: str = 'float32'
 
@@ -58,12 +61,13 @@ class QFormerConfig:
 
 
 class QFormerEmbeddings(nnx.Module):
-  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: BertConfig, text_input: bool, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
-    self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                     embedding_init=layers.INIT, rngs=rngs)
-    self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
-                                         embedding_init=layers.INIT, rngs=rngs)
+    if text_input:
+      self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                       embedding_init=layers.INIT, rngs=rngs)
+      self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
+                                           embedding_init=layers.INIT, rngs=rngs)
     self.LayerNorm = layers.layer_norm(cfg.hidden_size, cfg.ln_eps, rngs=rngs, dtype=dtype)
     self.dropout = nnx.Dropout(cfg.hidden_dropout, deterministic=True, rngs=rngs)
 
@@ -79,12 +83,13 @@ class QFormerEmbeddings(nnx.Module):
 
 
 class QFormerLayer(nnx.Module):
-  def __init__(self, cfg: BertConfig, has_cross_attention: bool, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: BertConfig, has_cross_attention: bool, text_input: bool, *, rngs: nnx.Rngs):
     self.attention = BertAttention(cfg, cfg.hidden_size, rngs=rngs)
     self.crossattention = (BertAttention(cfg, cfg.encoder_width, rngs=rngs)
                            if has_cross_attention else None)
-    self.intermediate = BertIntermediate(cfg, rngs=rngs)
-    self.output = BertSelfOutput(cfg, cfg.intermediate_size, rngs=rngs)
+    if text_input:
+      self.intermediate = BertIntermediate(cfg, rngs=rngs)
+      self.output = BertSelfOutput(cfg, cfg.intermediate_size, rngs=rngs)
     self.intermediate_query = BertIntermediate(cfg, rngs=rngs)
     self.output_query = BertSelfOutput(cfg, cfg.intermediate_size, rngs=rngs)
 
@@ -106,13 +111,13 @@ class QFormerLayer(nnx.Module):
 class QFormerEncoder(nnx.Module):
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
     bert = cfg.bert()
-    self.layer = nnx.List([QFormerLayer(bert, i % cfg.cross_attention_freq == 0, rngs=rngs)
+    self.layer = nnx.List([QFormerLayer(bert, i % cfg.cross_attention_freq == 0, cfg.text_input, rngs=rngs)
                            for i in range(cfg.num_layers)])
 
 
 class QFormerBert(nnx.Module):
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
-    self.embeddings = QFormerEmbeddings(cfg.bert(), rngs=rngs)
+    self.embeddings = QFormerEmbeddings(cfg.bert(), cfg.text_input, rngs=rngs)
     self.encoder = QFormerEncoder(cfg, rngs=rngs)
 
   def __call__(self, query_embeds=None, input_ids=None, attention_mask=None, *, image_embeds=None,
@@ -148,7 +153,7 @@ class QFormer(nnx.Module):
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
     self.config = cfg
     self.bert = QFormerBert(cfg, rngs=rngs)
-    self.cls = OnlyMLMHead(cfg.bert(), rngs=rngs)
+    self.cls = OnlyMLMHead(cfg.bert(), rngs=rngs) if cfg.text_input else None
 
   def lm_logits(self, hidden):
     return self.cls.predictions(hidden, self.bert.embeddings.word_embeddings).astype(jnp.float32)
