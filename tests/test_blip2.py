@@ -1,6 +1,7 @@
 """BLIP-2 stage 1 against HF `Blip2ForImageTextRetrieval` (random weights, fp32), and the
 Q-Former's three attention masks."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -198,8 +199,126 @@ def test_stage2_lavis_files_merged_with_vit_and_opt(tmp_path, hf_stage2):
   heads = dict(vision={'num_heads': 2, 'ln_eps': 1e-6}, qformer={'num_heads': 2}, ln_vision_eps=1e-6)
   with pytest.raises(ConversionError, match='omit the frozen ViT'):
     load_torch(tmp_path / 'blip2_opt.pth', **heads)
-  with pytest.raises(ConversionError, match='omit the\s+frozen LLM'):
+  with pytest.raises(ConversionError, match=r'omit the\s+frozen LLM'):
     load_torch([tmp_path / 'blip2_opt.pth', tmp_path / 'eva_vit_g.pth'], **heads)
   model, cfg, report = load_torch([tmp_path / 'blip2_opt.pth', tmp_path / 'eva_vit_g.pth', tmp_path / 'opt'], **heads)
   assert cfg.vision.depth == 2 and 'visual_encoder.blocks.2.norm1.weight' in report.skipped
   _compare_stage2(model, hf_stage2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage-1 losses against a PyTorch statement of LAVIS `Blip2Qformer.forward`, built from the HF
+# Q-Former modules: ITG runs the text against the query keys/values of the image-only pass,
+# as LAVIS's `past_key_values` reuse does.
+
+def _random_lm_head(hidden, seed=3):
+  g = torch.Generator().manual_seed(seed)
+  r = lambda *shape: torch.randn(*shape, generator=g) * 0.2
+  return {'Qformer.cls.predictions.transform.dense.weight': r(hidden, hidden),
+          'Qformer.cls.predictions.transform.dense.bias': r(hidden),
+          'Qformer.cls.predictions.transform.LayerNorm.weight': 1 + r(hidden),
+          'Qformer.cls.predictions.transform.LayerNorm.bias': r(hidden),
+          'Qformer.cls.predictions.bias': r(60)}
+
+
+def _lavis_itg_logits(hf, head, x, ids, mask):
+  qf, eps = hf.qformer, hf.config.qformer_config.layer_norm_eps
+  with torch.no_grad():
+    vision = hf.vision_model(x).last_hidden_state
+    q = qf.layernorm(hf.query_tokens.expand(x.shape[0], -1, -1))
+    word = hf.embeddings.word_embeddings(ids) + hf.embeddings.position_embeddings(torch.arange(ids.shape[1]))
+    t = qf.layernorm(word)
+    n, length = q.shape[1], ids.shape[1]
+    allowed = torch.cat([torch.ones(length, n), torch.tril(torch.ones(length, length))], 1)[None]
+    allowed = allowed * torch.cat([torch.ones(x.shape[0], n), mask.float()], 1)[:, None, :]
+    bias = ((1 - allowed) * -10000.0)[:, None]
+    for layer in qf.encoder.layer:
+      att = layer.attention.attention
+      heads = lambda h: h.view(h.shape[0], h.shape[1], att.num_attention_heads, -1).transpose(1, 2)
+      # Image-only pass: queries attend to queries (these keys/values are LAVIS's cache).
+      k_q, v_q = heads(att.key(q)), heads(att.value(q))
+      q_att = layer.attention(q)
+      if layer.has_cross_attention:
+        q_att = layer.crossattention(q_att, encoder_hidden_states=vision)
+      q_next = layer.output_query(layer.intermediate_query(q_att), q_att)
+      # Text: keys/values = [cached queries; text], causal over the text.
+      k = torch.cat([k_q, heads(att.key(t))], 2)
+      v = torch.cat([v_q, heads(att.value(t))], 2)
+      scores = heads(att.query(t)) @ k.transpose(-1, -2) / (k.shape[-1] ** 0.5) + bias
+      ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(t.shape)
+      t_att = layer.attention.output(ctx, t)
+      t = layer.output(layer.intermediate(t_att), t_att)
+      q = q_next
+    h = torch.nn.functional.linear(t, head['Qformer.cls.predictions.transform.dense.weight'],
+                                   head['Qformer.cls.predictions.transform.dense.bias'])
+    h = torch.nn.functional.layer_norm(torch.nn.functional.gelu(h), h.shape[-1:],
+                                       head['Qformer.cls.predictions.transform.LayerNorm.weight'],
+                                       head['Qformer.cls.predictions.transform.LayerNorm.bias'], eps)
+    return h @ hf.embeddings.word_embeddings.weight.T + head['Qformer.cls.predictions.bias']
+
+
+@pytest.fixture(scope='module')
+def lavis_stage1(hf_and_ours):
+  """The HF stage-1 weights in LAVIS names plus an LM head, as blip2_pretrained.pth holds them."""
+  hf = hf_and_ours[0]
+  head = _random_lm_head(16)
+  sd = {**hf.state_dict(), **head, 'temp': torch.tensor(0.05)}
+  sd['Qformer.cls.predictions.decoder.weight'] = hf.embeddings.word_embeddings.weight
+  model, _, _ = load_torch(sd, vision={'num_heads': 2}, qformer={'num_heads': 2}, ln_vision_eps=1e-6,
+                           bos_token_id=1)
+  return hf, head, model
+
+
+def test_itg_logits_match_lavis_cached_pass(lavis_stage1):
+  hf, head, model = lavis_stage1
+  x = images(size=28)
+  dec = IDS.clone()
+  dec[:, 0] = 1  # [DEC]
+  ref = _lavis_itg_logits(hf, head, x, dec, MASK)
+  assert_close(model.itg_logits(model.image_embeds(nhwc(x)), IDS.numpy(), MASK.numpy()), ref, 'ITG logits')
+
+
+def test_stage1_losses_match_lavis_forward(lavis_stage1):
+  from blip_jax.objectives import blip2_stage1_losses
+  hf, head, model = lavis_stage1
+  g = torch.Generator().manual_seed(8)
+  x = torch.randn(3, 3, 28, 28, generator=g)
+  ids = torch.tensor([[2, 11, 12, 13, 3], [2, 14, 3, 0, 0], [2, 15, 16, 3, 0]])
+  mask = (ids != 0).long()
+  neg_image, neg_text = torch.tensor([2, 0, 1]), torch.tensor([1, 2, 0])
+  temp = 0.05
+  with torch.no_grad():
+    out = hf(pixel_values=x, input_ids=ids, attention_mask=mask, use_image_text_matching_head=False)
+    sim_q2t = torch.einsum('iqe,te->itq', out.image_embeds, out.text_embeds)
+    sim_i2t, sim_t2i = sim_q2t.max(-1)[0] / temp, sim_q2t.permute(1, 0, 2).max(-1)[0] / temp
+    targets = torch.arange(3)
+    itc = (torch.nn.functional.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
+           + torch.nn.functional.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+    itm_logits = hf(pixel_values=torch.cat([x, x[neg_image], x]), input_ids=torch.cat([ids, ids, ids[neg_text]]),
+                    attention_mask=torch.cat([mask, mask, mask[neg_text]]),
+                    use_image_text_matching_head=True).logits_per_image
+    itm = torch.nn.functional.cross_entropy(itm_logits, torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0]))
+    dec = ids.clone()
+    dec[:, 0] = 1
+    logits = _lavis_itg_logits(hf, head, x, dec, mask)
+    labels = dec.masked_fill(dec == 0, -100)
+    itg = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 60), labels[:, 1:].reshape(-1),
+                                            label_smoothing=0.1)
+  losses = blip2_stage1_losses(model, model.image_embeds(nhwc(x)), ids.numpy(), mask.numpy(),
+                               negatives=(neg_image.numpy(), neg_text.numpy()))
+  assert_close(losses['itc'], itc, 'ITC loss')
+  assert_close(losses['itm'], itm, 'ITM loss')
+  assert_close(losses['itg'], itg, 'ITG loss')
+  assert_close(losses['loss'], itc + itm + itg, 'total')
+
+
+def test_hard_negatives_never_pick_a_positive():
+  import jax
+  from blip_jax.objectives import positives, sample_hard_negatives
+  sim = jnp.zeros((4, 4))
+  pos = positives(4, np.array([7, 7, 8, 9]))  # texts 0 and 1 describe the same image
+  neg_image, neg_text = jax.vmap(lambda k: sample_hard_negatives(k, sim, sim, pos))(
+      jax.random.split(jax.random.key(0), 200))
+  assert not np.any(np.asarray(pos)[np.arange(4), np.asarray(neg_image)])
+  assert not np.any(np.asarray(pos)[np.arange(4), np.asarray(neg_text)])
+  assert len(np.unique(np.asarray(neg_image)[:, 3])) == 3  # every other image gets drawn

@@ -89,9 +89,6 @@ class Blip2Qformer(_Blip2Base):
     """ITC similarity [B_img, B_txt]: max over the queries of the cosine."""
     return jnp.einsum('iqe,te->iqt', image_feat, text_feat).max(axis=1)
 
-  def temperature(self):
-    return jnp.clip(self.temp[...], 0.001, 0.5)
-
   def itm_logits(self, image_embeds, input_ids, attention_mask=None):
     """ITM logits [B, 2] of image-text pairs: itm_head averaged over the query positions."""
     queries = self._queries(image_embeds.shape[0])
