@@ -164,19 +164,28 @@ def test_stage2_hf_logits(tmp_path, hf_stage2):
   _compare_stage2(model, hf_stage2)
 
 
-def test_stage2_lavis_files_merged_with_vit_and_opt(tmp_path, hf_stage2):
-  """A LAVIS stage-2 .pth (no ViT, no OPT) + EVA ViT-g .pth (40 blocks, bare keys) + HF OPT folder."""
-  sd = hf_stage2.state_dict()
+def _to_lavis(state_dict):
+  """HF BLIP-2 weights under LAVIS's names, without the frozen ViT and LLM (as LAVIS saves them)."""
   rename = [('qformer.layernorm.', 'Qformer.bert.embeddings.LayerNorm.'), ('qformer.encoder.', 'Qformer.bert.encoder.'),
             ('.attention.attention.', '.attention.self.'), ('.crossattention.attention.', '.crossattention.self.'),
-            ('language_projection.', 'opt_proj.'), ('vision_model.post_layernorm.', 'ln_vision.')]
+            ('embeddings.word_embeddings.', 'Qformer.bert.embeddings.word_embeddings.'),
+            ('embeddings.position_embeddings.', 'Qformer.bert.embeddings.position_embeddings.'),
+            ('language_projection.', 'opt_proj.'), ('vision_projection.', 'vision_proj.'),
+            ('text_projection.', 'text_proj.'), ('vision_model.post_layernorm.', 'ln_vision.')]
   lavis = {}
-  for key, value in sd.items():
+  for key, value in state_dict.items():
     if key.startswith(('vision_model.embeddings', 'vision_model.encoder', 'language_model.')):
       continue
     for a, b in rename:
-      key = key.replace(a, b)
+      key = key.replace(a, b) if key.startswith(a) or a.startswith('.') else key
     lavis[key] = value
+  return lavis
+
+
+def test_stage2_lavis_files_merged_with_vit_and_opt(tmp_path, hf_stage2):
+  """A LAVIS stage-2 .pth (no ViT, no OPT) + EVA ViT-g .pth (40 blocks, bare keys) + HF OPT folder."""
+  sd = hf_stage2.state_dict()
+  lavis = _to_lavis(sd)
   torch.save({'model': lavis}, tmp_path / 'blip2_opt.pth')
   eva = {'cls_token': sd['vision_model.embeddings.class_embedding'],
          'pos_embed': sd['vision_model.embeddings.position_embedding'],
@@ -322,3 +331,45 @@ def test_hard_negatives_never_pick_a_positive():
   assert not np.any(np.asarray(pos)[np.arange(4), np.asarray(neg_image)])
   assert not np.any(np.asarray(pos)[np.arange(4), np.asarray(neg_text)])
   assert len(np.unique(np.asarray(neg_image)[:, 3])) == 3  # every other image gets drawn
+
+
+def test_blip2_model_layout(hf_stage2):
+  """HF `Blip2Model` (no LM head) converts to the same stage-2 model."""
+  m = transformers.Blip2Model(hf_stage2.config).eval()
+  missing, unexpected = m.load_state_dict(hf_stage2.state_dict(), strict=False)
+  assert not missing
+  model, cfg, report = load_torch(m.state_dict(), vision={'num_heads': 2}, qformer={'num_heads': 2},
+                                  opt={'num_heads': 2}, ln_vision_eps=1e-6)
+  x = images(size=28)
+  with torch.no_grad():
+    ref = m.get_qformer_features(pixel_values=x)
+  assert_close(model.query_states(model.image_embeds(nhwc(x))), getattr(ref, 'last_hidden_state', ref),
+               'Q-Former query outputs')
+  _compare_stage2(model, hf_stage2)
+
+
+def test_lavis_clip_vit_l_alternative(tmp_path, hf_and_ours):
+  """`vit_model="clip_L"`: OpenAI's ViT (one block dropped, no ln_post) then ln_vision."""
+  from torch_refs import OpenAIVisual
+  hf = hf_and_ours[0]
+  torch.manual_seed(1)
+  clip_vit = OpenAIVisual(28, 7, 24, 3, 2, 12).eval()  # 3 blocks in the file, BLIP-2 uses 2
+  with torch.no_grad():
+    for p in clip_vit.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+  lavis = {**_to_lavis(hf.state_dict()), **_random_lm_head(16), 'temp': torch.tensor(0.07)}
+  assert all(k.startswith(('Qformer.', 'ln_vision.', 'query_tokens', 'vision_proj.', 'text_proj.', 'itm_head.', 'temp'))
+             for k in lavis), sorted(lavis)
+  torch.save({'model': lavis}, tmp_path / 'blip2_clip.pth')
+  torch.save(clip_vit.state_dict(), tmp_path / 'clip_vit_L.pth')
+  model, cfg, report = load_torch([tmp_path / 'blip2_clip.pth', tmp_path / 'clip_vit_L.pth'],
+                                  qformer={'num_heads': 2}, vision={'num_heads': 2}, bos_token_id=1)
+  assert cfg.vision.depth == 2 and cfg.vision.act == 'quick_gelu' and 'visual_encoder.proj' in report.skipped
+  x = images(size=28)
+  with torch.no_grad():
+    v = clip_vit
+    tokens = v.conv1(x).flatten(2).permute(0, 2, 1)
+    tokens = torch.cat([v.class_embedding + torch.zeros(2, 1, 24), tokens], 1) + v.positional_embedding
+    tokens = v.transformer.resblocks[:2](v.ln_pre(tokens).permute(1, 0, 2)).permute(1, 0, 2)
+    ref = torch.nn.functional.layer_norm(tokens, (24,), lavis['ln_vision.weight'], lavis['ln_vision.bias'], 1e-5)
+  assert_close(model.image_embeds(nhwc(x)), ref, 'ln_vision(CLIP ViT-L states)')

@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+from blip_jax.convert.clip import OPENAI_RENAMES
 from blip_jax.convert.opt import infer_config as opt_infer_config
 from blip_jax.convert.opt import tie_lm_head as tie_opt_lm_head
 from blip_jax.convert.readers import Checkpoint
@@ -40,14 +41,23 @@ HF_RENAMES = (
     (r'^language_projection\.', 'opt_proj.'),
     (r'^language_model\.', 'opt_model.'),
 )
-# Separately given frozen parts of a LAVIS checkpoint: a bare EVA ViT and a bare HF OPT.
+# Separately given frozen parts of a LAVIS checkpoint: a bare EVA ViT-g or CLIP ViT-L, and a
+# bare HF OPT.
 BARE_PART_RENAMES = (
     (r'^(cls_token|pos_embed|patch_embed\.|blocks\.|norm\.|fc_norm\.|head\.)', r'visual_encoder.\1'),
+    (r'^(conv1\.|class_embedding$|positional_embedding$|ln_pre\.|transformer\.resblocks\.|ln_post\.|proj$)',
+     r'visual_encoder.\1'),
     (r'^(model\.decoder\.|lm_head\.)', r'opt_model.\1'),
 )
+# LAVIS's CLIP ViT-L alternative (`vit_model="clip_L"`) keeps OpenAI's names under
+# visual_encoder; they become the shared ViT's names as in `convert/clip.py`.
+CLIP_VIT_RENAMES = tuple((pattern.replace('^visual\\.', '^visual_encoder\\.'),
+                          repl.replace('visual.', 'visual_encoder.'))
+                         for pattern, repl in OPENAI_RENAMES)
 EXPECTED_UNUSED = (
     (r'\.position_ids$', 'buffer (position indices), not a parameter'),
     (r'^visual_encoder\.(norm|fc_norm|head)\.', 'EVA classification parts, unused by BLIP-2'),
+    (r'^visual_encoder\.(ln_post\.|proj$)', 'CLIP image-head parts, unused by BLIP-2'),
 )
 
 
@@ -78,7 +88,7 @@ def split_hf_qkv_bias(tensors) -> None:
     tensors[key.replace('qkv.bias', 'v_bias')] = v
 
 
-def infer_config(t, hf_config, bare_vit: bool, overrides) -> blip2_models.Blip2Config:
+def infer_config(t, hf_config, bare_vit: bool, clip_vit: bool, overrides) -> blip2_models.Blip2Config:
   keys = list(t)
   width = t['visual_encoder.cls_token'].shape[-1]
   patch = t['visual_encoder.patch_embed.proj.weight'].shape[-1]
@@ -89,6 +99,8 @@ def infer_config(t, hf_config, bare_vit: bool, overrides) -> blip2_models.Blip2C
                 mlp_dim=t['visual_encoder.blocks.0.mlp.fc1.weight'].shape[0],
                 num_heads=16 if width == 1408 else width // 64,  # EVA ViT-g: 16 heads of 88
                 qkv_bias='qv' if 'visual_encoder.blocks.0.attn.q_bias' in t else 'qkv')
+  if clip_vit:  # LAVIS's CLIP ViT-L: OpenAI's tower without ln_post (ln_vision follows)
+    vision.update(num_heads=width // 64, patch_bias=False, pre_norm=True, act='quick_gelu', ln_eps=1e-5)
   hidden = t['query_tokens'].shape[-1]
   cross = sorted({int(m.group(1)) for k in keys
                   if (m := re.match(r'Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.', k))})
@@ -144,13 +156,18 @@ def _tie_lm_head(tensors, report):
 def convert(ckpt: Checkpoint, *, strict: bool = True, seed: int = 0, **overrides):
   """Build the BLIP-2 stage-1 model and fill it from `ckpt`. Returns (model, config, report)."""
   layout = detect_layout(ckpt.tensors)
-  bare_vit = 'blocks.0.attn.qkv.weight' in ckpt.tensors
-  renames = (HF_RENAMES if layout == 'huggingface' else ()) + BARE_PART_RENAMES
+  bare_vit = any(k in ckpt.tensors for k in ('blocks.0.attn.qkv.weight', 'conv1.weight'))
+  clip_vit = any(k in ckpt.tensors for k in ('conv1.weight', 'visual_encoder.conv1.weight'))
+  renames = ((HF_RENAMES if layout == 'huggingface' else ()) + BARE_PART_RENAMES
+             + (CLIP_VIT_RENAMES if clip_vit else ()))
   tensors = ckpt.tensors.renamed(_renamer(renames))
-  if layout == 'huggingface':
+  if layout == 'huggingface' and not clip_vit:
     split_hf_qkv_bias(tensors)
+  if clip_vit:
+    tensors['visual_encoder.cls_token'] = tensors['visual_encoder.cls_token'].reshape(1, 1, -1)
+    tensors['visual_encoder.pos_embed'] = tensors['visual_encoder.pos_embed'][None]
   try:
-    cfg = infer_config(tensors, ckpt.hf_config, bare_vit, overrides)
+    cfg = infer_config(tensors, ckpt.hf_config, bare_vit, clip_vit, overrides)
   except KeyError as e:
     raise ConversionError(f'{ckpt.source}: cannot infer the BLIP-2 config, key {e} is missing'
                           + (' (LAVIS checkpoints omit the frozen ViT: give its checkpoint too)'
