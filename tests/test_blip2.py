@@ -373,3 +373,17 @@ def test_lavis_clip_vit_l_alternative(tmp_path, hf_and_ours):
     tokens = v.transformer.resblocks[:2](v.ln_pre(tokens).permute(1, 0, 2)).permute(1, 0, 2)
     ref = torch.nn.functional.layer_norm(tokens, (24,), lavis['ln_vision.weight'], lavis['ln_vision.bias'], 1e-5)
   assert_close(model.image_embeds(nhwc(x)), ref, 'ln_vision(CLIP ViT-L states)')
+
+
+def test_stage2_loss_matches_lavis_targets(tmp_path, hf_stage2):
+  hf_stage2.save_pretrained(tmp_path)
+  model, _, _ = load_torch(tmp_path)
+  x = images(size=28)
+  logits = _hf_stage2_logits(hf_stage2, x)
+  # LAVIS: targets = [-100 for the queries; text with pads and the 2-token prompt -100], shifted CE.
+  text_targets = TEXT.masked_fill(TEXT_MASK == 0, -100)
+  text_targets[:, :2] = -100
+  targets = torch.cat([torch.full((2, NUM_QUERY), -100), text_targets], 1)
+  ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 40), targets[:, 1:].reshape(-1))
+  loss = model.loss(model.image_embeds(nhwc(x)), TEXT.numpy(), TEXT_MASK.numpy(), prompt_length=2)
+  assert_close(loss, ref, 'stage-2 LM loss')

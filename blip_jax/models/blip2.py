@@ -135,7 +135,9 @@ class Blip2OPT(_Blip2Base):
     return self.opt_model(attention_mask=mask, inputs_embeds=jnp.concatenate([prefix, text.astype(prefix.dtype)], 1))
 
   def loss(self, image_embeds, input_ids, attention_mask, prompt_length: int = 0):
-    """LM loss on the text only (no smoothing): prefix, prompt and padding are ignored."""
+    """LM loss on the text only (no smoothing), as LAVIS `Blip2OPT`: the image prefix, padding
+    and the first `prompt_length` text tokens are ignored; LAVIS counts the tokenizer's BOS in
+    the prompt length, so with an empty prompt `prompt_length=1`."""
     logits = self.logits(image_embeds, input_ids, attention_mask)
     labels = jnp.where(jnp.asarray(attention_mask) == 0, -100, input_ids).at[:, :prompt_length].set(-100)
     labels = jnp.concatenate([jnp.full((labels.shape[0], self.config.qformer.num_query_tokens), -100), labels], 1)
