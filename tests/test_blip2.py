@@ -9,27 +9,15 @@ import transformers
 
 from blip_jax.convert import ConversionError, load_torch
 from blip_jax.models import layers
-from torch_refs import assert_close, images, nhwc
+from torch_refs import (BLIP2_IMAGE_TOKEN, BLIP2_QUERIES, assert_close, hf_blip2_opt, hf_blip2_retrieval,
+                        images, nhwc, randomize)
 
-NUM_QUERY = 4
+NUM_QUERY, IMAGE_TOKEN = BLIP2_QUERIES, BLIP2_IMAGE_TOKEN
 
 
 @pytest.fixture(scope='module')
 def hf_and_ours(tmp_path_factory):
-  torch.manual_seed(0)
-  cfg = transformers.Blip2Config(
-      vision_config=dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                         image_size=28, patch_size=7, qkv_bias=True, layer_norm_eps=1e-6),
-      qformer_config=dict(vocab_size=60, hidden_size=16, intermediate_size=37, num_hidden_layers=3,
-                          num_attention_heads=2, max_position_embeddings=20, cross_attention_frequency=2,
-                          encoder_hidden_size=24, use_qformer_text_input=True),
-      num_query_tokens=NUM_QUERY, image_text_hidden_size=12)
-  hf = transformers.Blip2ForImageTextRetrieval(cfg).eval()
-  with torch.no_grad():
-    for p in hf.parameters():
-      p.copy_(torch.randn_like(p) * 0.2)
-    for layer in hf.vision_model.encoder.layers:  # EVA has no key bias: keep its third at zero
-      layer.self_attn.qkv.bias[24:48] = 0
+  hf = hf_blip2_retrieval()
   path = tmp_path_factory.mktemp('hf_blip2')
   hf.save_pretrained(path)
   model, config, report = load_torch(path, bos_token_id=1)  # the tiny vocabulary's [DEC]
@@ -114,28 +102,9 @@ def test_key_bias_must_be_zero(tmp_path, hf_and_ours):
 # ----------------------------------------------------------------------------------------------
 # Stage 2: OPT reads the projected query outputs as a prefix.
 
-IMAGE_TOKEN = 39
-
-
 @pytest.fixture(scope='module')
 def hf_stage2():
-  torch.manual_seed(0)
-  cfg = transformers.Blip2Config(
-      vision_config=dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                         image_size=28, patch_size=7, qkv_bias=True, layer_norm_eps=1e-6),
-      qformer_config=dict(hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                          cross_attention_frequency=1, encoder_hidden_size=24),
-      text_config=dict(model_type='opt', vocab_size=40, hidden_size=20, num_hidden_layers=2, ffn_dim=37,
-                       num_attention_heads=2, max_position_embeddings=30),
-      num_query_tokens=NUM_QUERY, image_token_index=IMAGE_TOKEN)
-  hf = transformers.Blip2ForConditionalGeneration(cfg).eval()
-  with torch.no_grad():
-    for p in hf.parameters():
-      p.copy_(torch.randn_like(p) * 0.2)
-    for layer in hf.vision_model.encoder.layers:
-      layer.self_attn.qkv.bias[24:48] = 0
-  hf.tie_weights()
-  return hf
+  return hf_blip2_opt()
 
 
 TEXT = torch.tensor([[2, 11, 12, 13, 14], [2, 15, 16, 1, 1]])
@@ -353,10 +322,7 @@ def test_lavis_clip_vit_l_alternative(tmp_path, hf_and_ours):
   from torch_refs import OpenAIVisual
   hf = hf_and_ours[0]
   torch.manual_seed(1)
-  clip_vit = OpenAIVisual(28, 7, 24, 3, 2, 12).eval()  # 3 blocks in the file, BLIP-2 uses 2
-  with torch.no_grad():
-    for p in clip_vit.parameters():
-      p.copy_(torch.randn_like(p) * 0.2)
+  clip_vit = randomize(OpenAIVisual(28, 7, 24, 3, 2, 12).eval())  # 3 blocks in the file, BLIP-2 uses 2
   lavis = {**_to_lavis(hf.state_dict()), **_random_lm_head(16), 'temp': torch.tensor(0.07)}
   assert all(k.startswith(('Qformer.', 'ln_vision.', 'query_tokens', 'vision_proj.', 'text_proj.', 'itm_head.', 'temp'))
              for k in lavis), sorted(lavis)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from blip_jax.convert import ConversionError, load_torch
 from torch_refs import (DEC, ENC, OVERRIDES, NlvrReference, assert_close, build_hf, hf_config,
-                        images, nhwc, text_batch, to_salesforce)
+                        images, nhwc, randomize, text_batch, to_salesforce)
 from transformers.models.blip import modeling_blip_text as hf_text
 
 
@@ -44,18 +44,12 @@ def test_salesforce_layout_loads_to_the_same_model(tmp_path, cls, task):
       np.testing.assert_array_equal(x[...], y[...], err_msg=str(path_))
 
 
-def _random_(module, seed):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 @pytest.mark.parametrize('merge_from', [1, 6])
 def test_nlvr2_encoder_matches_original(tmp_path, merge_from):
   """merge_from=1 exercises both the averaged (layer 0) and the merged (layer 1) outputs."""
   ref = NlvrReference(merge_from).eval()
-  _random_(ref, seed=merge_from)
+  torch.manual_seed(merge_from)
+  randomize(ref)
   x0, x1 = images(seed=2), images(seed=3)
   ids, mask = text_batch()
   with torch.no_grad():
@@ -88,7 +82,8 @@ class PretrainReference(torch.nn.Module):
     self.register_buffer('image_queue', torch.randn(e, queue_size))
     self.register_buffer('text_queue', torch.randn(e, queue_size))
     self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
-    _random_(self, seed=7)
+    torch.manual_seed(7)
+    randomize(self)
     for name, dec in self.text_decoder.bert.named_modules():
       if hasattr(dec, 'weight') and '.attention.' not in f'.{name}.':
         enc = self.text_encoder.get_submodule(name)

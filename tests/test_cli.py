@@ -11,8 +11,8 @@ import transformers
 
 import blip_jax
 from blip_jax.convert.cli import main
-from torch_refs import (OVERRIDES, OpenAICLIP, assert_close, build_hf, images, nhwc, text_batch,
-                        to_salesforce)
+from torch_refs import (OVERRIDES, OpenAICLIP, assert_close, build_hf, images, nhwc, randomize,
+                        text_batch, to_salesforce)
 
 ROOT = pathlib.Path(__file__).parents[1]
 BLIP_HEADS = json.dumps({k: OVERRIDES[k] for k in ('vision', 'text', 'bos_token_id', 'enc_token_id',
@@ -57,10 +57,7 @@ def test_salesforce_pth_to_directory(tmp_path, hf_caption):
 
 def test_openai_torchscript_and_bfloat16(tmp_path):
   torch.manual_seed(0)
-  ref = OpenAICLIP().eval()
-  with torch.no_grad():
-    for p in ref.parameters():
-      p.copy_(torch.randn_like(p) * 0.2)
+  ref = randomize(OpenAICLIP().eval())
   x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
   text = torch.tensor([[1, 5, 9, 39, 0, 0, 0, 0], [1, 4, 7, 6, 8, 39, 0, 0]])
   archive = tmp_path / 'ViT-tiny.pt'

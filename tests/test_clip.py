@@ -3,28 +3,13 @@
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from blip_jax.convert import ConversionError, load_torch
-from torch_refs import OpenAICLIP, assert_close, nhwc
+from torch_refs import OpenAICLIP, assert_close, hf_chinese_clip, hf_clip, nhwc, randomize
 
-VISION = dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-              image_size=32, patch_size=8)
-TEXT = dict(vocab_size=50, hidden_size=16, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=12)
 HEADS = dict(vision={'num_heads': 2}, text={'num_heads': 2})
 
 
-def _hf_clip(act, eos_token_id):
-  torch.manual_seed(0)
-  cfg = transformers.CLIPConfig(vision_config={**VISION, 'hidden_act': act},
-                                text_config={**TEXT, 'hidden_act': act, 'eos_token_id': eos_token_id},
-                                projection_dim=20)
-  model = transformers.CLIPModel(cfg).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.copy_(torch.randn_like(p) * 0.2)
-  return model
 
 
 # The first sequence ends with the largest id (OpenAI's EOT), the second is padded after eos=7.
@@ -34,7 +19,7 @@ MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
 
 @pytest.mark.parametrize('act,eos', [('quick_gelu', 2), ('gelu', 7)])
 def test_hf_clip_features_and_logits(tmp_path, act, eos):
-  hf = _hf_clip(act, eos)
+  hf = hf_clip(act, eos)
   hf.save_pretrained(tmp_path)  # config.json tells heads, eps, activation and eos handling
   model, cfg, report = load_torch(tmp_path)
   assert report.task == 'clip' and cfg.vision.act == act and cfg.text.act == act
@@ -56,17 +41,14 @@ def test_hf_clip_features_and_logits(tmp_path, act, eos):
 
 
 def test_state_dict_without_activation_is_refused():
-  hf = _hf_clip('gelu', 7)
+  hf = hf_clip('gelu', 7)
   with pytest.raises(ConversionError, match="act='quick_gelu'"):
     load_torch(hf.state_dict(), **HEADS)
 
 
 def test_openai_torchscript_archive(tmp_path):
   torch.manual_seed(0)
-  ref = OpenAICLIP().eval()
-  with torch.no_grad():
-    for p in ref.parameters():
-      p.copy_(torch.randn_like(p) * 0.2)
+  ref = randomize(OpenAICLIP().eval())
   g = torch.Generator().manual_seed(4)
   x = torch.randn(2, 3, 32, 32, generator=g)
   text = torch.tensor([[1, 5, 9, 39, 0, 0, 0, 0], [1, 4, 7, 6, 8, 39, 0, 0]])  # 39 = EOT, the largest id
@@ -90,7 +72,7 @@ def test_openai_torchscript_archive(tmp_path):
 
 def test_zero_shot_classification_matches_pytorch():
   from blip_jax.zero_shot import classify, zero_shot_classifier
-  hf = _hf_clip('quick_gelu', 2)
+  hf = hf_clip('quick_gelu', 2)
   model, _, _ = load_torch(hf.state_dict(), act='quick_gelu', **HEADS)
   g = torch.Generator().manual_seed(5)
   # 4 classes x 3 templates, prompts of 6 tokens ending in the EOT (largest id 49).
@@ -114,16 +96,7 @@ def test_zero_shot_classification_matches_pytorch():
 
 
 def test_hf_chinese_clip(tmp_path):
-  torch.manual_seed(0)
-  cfg = transformers.ChineseCLIPConfig(
-      vision_config=VISION,
-      text_config=dict(vocab_size=60, hidden_size=16, intermediate_size=37, num_hidden_layers=2,
-                       num_attention_heads=2, max_position_embeddings=20, type_vocab_size=2),
-      projection_dim=20)
-  hf = transformers.ChineseCLIPModel(cfg).eval()
-  with torch.no_grad():
-    for p in hf.parameters():
-      p.copy_(torch.randn_like(p) * 0.2)
+  hf = hf_chinese_clip()
   hf.save_pretrained(tmp_path)
   model, cfg, report = load_torch(tmp_path)
   assert report.layout == 'huggingface-chinese-clip' and cfg.vision.act == 'quick_gelu'
@@ -149,7 +122,7 @@ def test_named_configs_and_resized_image_size():
   assert (cfg.vision.width, cfg.vision.patch_size, cfg.vision.grid, cfg.text.width, cfg.embed_dim) == (
       1024, 14, 24, 768, 768)
   assert cfg.vision.act == 'quick_gelu' and not cfg.vision.patch_bias and cfg.vision.pre_norm
-  hf = _hf_clip('quick_gelu', 2)
+  hf = hf_clip('quick_gelu', 2)
   model, cfg, report = load_torch(hf.state_dict(), act='quick_gelu', image_size=48, **HEADS)
   assert 'visual.pos_embed' in report.resized
   x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(7))

@@ -5,29 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from blip_jax.convert import load_torch
-from torch_refs import assert_close
+from torch_refs import assert_close, hf_opt
 
 IDS = torch.tensor([[1, 1, 2, 10, 11, 12], [2, 13, 14, 15, 16, 17]])  # the first is left-padded
 MASK = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
 
 
-def _hf_opt(**kw):
-  torch.manual_seed(0)
-  cfg = transformers.OPTConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, ffn_dim=37,
-                               num_attention_heads=2, max_position_embeddings=24, **kw)
-  model = transformers.OPTForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.copy_(torch.randn_like(p) * 0.2)
-  return model
 
 
 @pytest.mark.parametrize('variant', [dict(), dict(do_layer_norm_before=False, word_embed_proj_dim=12)])
 def test_logits_match_hf(tmp_path, variant):
-  hf = _hf_opt(**variant)
+  hf = hf_opt(**variant)
   hf.save_pretrained(tmp_path)
   model, cfg, report = load_torch(tmp_path)
   assert report.task == 'opt' and cfg.do_layer_norm_before == variant.get('do_layer_norm_before', True)
@@ -40,7 +30,7 @@ def test_logits_match_hf(tmp_path, variant):
 
 
 def test_cached_decoding_matches_full_pass():
-  hf = _hf_opt()
+  hf = hf_opt()
   model, _, _ = load_torch(hf.state_dict(), num_heads=2)  # a bare state dict: heads not in shapes
   full = np.asarray(model(IDS.numpy(), MASK.numpy()))
   max_len = 8

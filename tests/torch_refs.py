@@ -34,13 +34,88 @@ def hf_config(**text_overrides) -> transformers.BlipConfig:
                                  image_text_hidden_size=EMBED_DIM)
 
 
-def build_hf(cls, seed=0, **text_overrides):
-  torch.manual_seed(seed)
-  model = cls(hf_config(**text_overrides)).eval()
-  # Random weights everywhere (HF zero-inits some biases and LayerNorms), so every tensor matters.
+def randomize(model):
+  """Random weights everywhere (HF zero-inits some biases and LayerNorms), so every tensor
+  matters; tied weights stay tied."""
   with torch.no_grad():
     for p in model.parameters():
       p.copy_(torch.randn_like(p) * 0.2)
+  return model
+
+
+def build_hf(cls, seed=0, **text_overrides):
+  torch.manual_seed(seed)
+  model = randomize(cls(hf_config(**text_overrides)).eval())
+  model.tie_weights()
+  return model
+
+
+# Tiny HF CLIP / Chinese-CLIP / OPT / BLIP-2 models.
+CLIP_VISION = dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=32, patch_size=8)
+CLIP_TEXT = dict(vocab_size=50, hidden_size=16, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, max_position_embeddings=12)
+
+
+def hf_clip(act='quick_gelu', eos_token_id=2):
+  torch.manual_seed(0)
+  cfg = transformers.CLIPConfig(vision_config={**CLIP_VISION, 'hidden_act': act},
+                                text_config={**CLIP_TEXT, 'hidden_act': act, 'eos_token_id': eos_token_id},
+                                projection_dim=20)
+  return randomize(transformers.CLIPModel(cfg).eval())
+
+
+def hf_chinese_clip():
+  torch.manual_seed(0)
+  cfg = transformers.ChineseCLIPConfig(
+      vision_config=CLIP_VISION,
+      text_config=dict(vocab_size=60, hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=20, type_vocab_size=2),
+      projection_dim=20)
+  return randomize(transformers.ChineseCLIPModel(cfg).eval())
+
+
+def hf_opt(**kw):
+  torch.manual_seed(0)
+  cfg = transformers.OPTConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, ffn_dim=37,
+                               num_attention_heads=2, max_position_embeddings=24, **kw)
+  return randomize(transformers.OPTForCausalLM(cfg).eval())
+
+
+BLIP2_QUERIES, BLIP2_IMAGE_TOKEN = 4, 39
+BLIP2_VISION = dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=28, patch_size=7, qkv_bias=True, layer_norm_eps=1e-6)
+
+
+def _zero_eva_key_bias(model):
+  with torch.no_grad():  # EVA has no key bias: keep the middle third of HF's fused bias at zero
+    for layer in model.vision_model.encoder.layers:
+      width = layer.self_attn.qkv.bias.shape[0] // 3
+      layer.self_attn.qkv.bias[width:2 * width] = 0
+  return model
+
+
+def hf_blip2_retrieval():
+  torch.manual_seed(0)
+  cfg = transformers.Blip2Config(
+      vision_config=BLIP2_VISION,
+      qformer_config=dict(vocab_size=60, hidden_size=16, intermediate_size=37, num_hidden_layers=3,
+                          num_attention_heads=2, max_position_embeddings=20, cross_attention_frequency=2,
+                          encoder_hidden_size=24, use_qformer_text_input=True),
+      num_query_tokens=BLIP2_QUERIES, image_text_hidden_size=12)
+  return _zero_eva_key_bias(randomize(transformers.Blip2ForImageTextRetrieval(cfg).eval()))
+
+
+def hf_blip2_opt():
+  torch.manual_seed(0)
+  cfg = transformers.Blip2Config(
+      vision_config=BLIP2_VISION,
+      qformer_config=dict(hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                          cross_attention_frequency=1, encoder_hidden_size=24),
+      text_config=dict(model_type='opt', vocab_size=40, hidden_size=20, num_hidden_layers=2, ffn_dim=37,
+                       num_attention_heads=2, max_position_embeddings=30),
+      num_query_tokens=BLIP2_QUERIES, image_token_index=BLIP2_IMAGE_TOKEN)
+  model = _zero_eva_key_bias(randomize(transformers.Blip2ForConditionalGeneration(cfg).eval()))
   model.tie_weights()
   return model
 
