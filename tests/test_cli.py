@@ -11,8 +11,8 @@ import transformers
 
 import blip_jax
 from blip_jax.convert.cli import main
-from torch_refs import (OVERRIDES, OpenAICLIP, assert_close, build_hf, images, nhwc, randomize,
-                        text_batch, to_salesforce)
+from torch_refs import (OVERRIDES, OpenAICLIP, assert_close, build_hf, hf_blip2_opt, hf_chinese_clip, hf_clip,
+                        hf_opt, images, nhwc, randomize, text_batch, to_salesforce)
 
 ROOT = pathlib.Path(__file__).parents[1]
 BLIP_HEADS = json.dumps({k: OVERRIDES[k] for k in ('vision', 'text', 'bos_token_id', 'enc_token_id',
@@ -75,17 +75,6 @@ def test_openai_torchscript_and_bfloat16(tmp_path):
     assert_close(model(nhwc(x), text.numpy()), expected, f'logits from {dtype} weights', atol=atol)
 
 
-def test_hf_folder_through_the_cli(tmp_path):
-  hf = build_hf(transformers.BlipForImageTextRetrieval)
-  hf.save_pretrained(tmp_path / 'hf')
-  assert main([str(tmp_path / 'hf'), '--out', str(tmp_path / 'out')]) == 0
-  model, _ = blip_jax.load(tmp_path / 'out')
-  x = images()
-  with torch.no_grad():
-    ref = hf.vision_model(x).last_hidden_state
-  assert_close(model.image_embeds(nhwc(x)), ref, 'vision states')
-
-
 def test_errors_are_one_clear_line(tmp_path, capsys, hf_caption):
   truncated = tmp_path / 'truncated.pth'
   torch.save({'model': to_salesforce(hf_caption.state_dict())}, truncated)
@@ -96,7 +85,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys, hf_caption):
   ]
   weird = tmp_path / 'weird.pth'
   torch.save({'encoder.weight': torch.zeros(2, 2)}, weird)
-  cases.append(([str(weird)], 'not a BLIP checkpoint'))
+  cases.append(([str(weird)], 'recognised layouts: BLIP-2'))
   bad_shape = tmp_path / 'bad_shape.pth'
   sd = to_salesforce(hf_caption.state_dict())
   sd['text_decoder.bert.encoder.layer.0.output.dense.weight'] = torch.zeros(24, 36)
@@ -123,3 +112,91 @@ def test_load_converts_pytorch_sources_in_memory(hf_caption):
   with torch.no_grad():
     ref = hf_caption.vision_model(x).last_hidden_state
   assert_close(model.image_embeds(nhwc(x)), ref, 'vision states')
+
+
+# ----------------------------------------------------------------------------------------------
+# Every other layout: written by PyTorch, converted by the CLI in a subprocess, loaded, compared.
+
+def _getattr_output(out):
+  return getattr(out, 'pooler_output', out)
+
+
+def _case_blip_hf_folder(tmp):
+  hf = build_hf(transformers.BlipForImageTextRetrieval)
+  hf.save_pretrained(tmp / 'src')
+  x = images()
+  with torch.no_grad():
+    ref = hf.vision_model(x).last_hidden_state
+  return [tmp / 'src'], [], lambda m: assert_close(m.image_embeds(nhwc(x)), ref, 'BLIP vision states')
+
+
+def _case_clip_hf_folder(tmp):
+  hf = hf_clip('gelu', 7)
+  hf.save_pretrained(tmp / 'src')
+  x = images()
+  with torch.no_grad():
+    ref = _getattr_output(hf.get_image_features(pixel_values=x))
+  return [tmp / 'src'], [], lambda m: assert_close(m.encode_image(nhwc(x)), ref, 'CLIP image features')
+
+
+def _open_clip_case(tmp, filename, save):
+  torch.manual_seed(0)
+  ref_model = randomize(OpenAICLIP().eval())
+  # open_clip training checkpoints: {'state_dict': {'module.' + key: tensor}}
+  save({f'module.{k}': v.contiguous() for k, v in ref_model.state_dict().items()}, tmp / filename)
+  text = torch.tensor([[1, 5, 9, 39, 0, 0, 0, 0], [1, 4, 7, 6, 8, 39, 0, 0]])
+  with torch.no_grad():
+    ref = ref_model.encode_text(text)
+  args = ['--act', 'quick_gelu', '--override', json.dumps({'vision': {'num_heads': 2}, 'text': {'num_heads': 2}})]
+  return [tmp / filename], args, lambda m: assert_close(m.encode_text(text.numpy()), ref, 'CLIP text features')
+
+
+def _case_open_clip_bin(tmp):
+  return _open_clip_case(tmp, 'open_clip_pytorch_model.bin', lambda sd, p: torch.save({'state_dict': sd}, p))
+
+
+def _case_open_clip_safetensors(tmp):
+  import safetensors.torch
+  return _open_clip_case(tmp, 'open_clip_model.safetensors', safetensors.torch.save_file)
+
+
+def _case_chinese_clip_folder(tmp):
+  hf = hf_chinese_clip()
+  hf.save_pretrained(tmp / 'src')
+  ids = torch.tensor([[2, 11, 12, 13, 3], [2, 14, 3, 0, 0]])
+  with torch.no_grad():
+    ref = _getattr_output(hf.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()))
+  return [tmp / 'src'], [], lambda m: assert_close(m.encode_text(ids.numpy(), (ids != 0).numpy()), ref,
+                                                   'Chinese-CLIP text features')
+
+
+def _case_blip2_hf_folder(tmp):
+  hf = hf_blip2_opt()
+  hf.save_pretrained(tmp / 'src')
+  x = images(size=28)
+  with torch.no_grad():
+    vision = hf.vision_model(x).last_hidden_state
+    ref = hf.qformer(query_embeds=hf.query_tokens.expand(2, -1, -1), encoder_hidden_states=vision).last_hidden_state
+  return [tmp / 'src'], [], lambda m: assert_close(m.query_states(m.image_embeds(nhwc(x))), ref,
+                                                   'BLIP-2 query outputs')
+
+
+def _case_opt_hf_folder(tmp):
+  hf = hf_opt()
+  hf.save_pretrained(tmp / 'src')
+  ids = torch.tensor([[2, 10, 11, 12]])
+  with torch.no_grad():
+    ref = hf(input_ids=ids).logits
+  return [tmp / 'src'], [], lambda m: assert_close(m(ids.numpy()), ref, 'OPT logits')
+
+
+@pytest.mark.parametrize('case', [_case_blip_hf_folder, _case_clip_hf_folder, _case_open_clip_bin,
+                                  _case_open_clip_safetensors, _case_chinese_clip_folder,
+                                  _case_blip2_hf_folder, _case_opt_hf_folder],
+                         ids=lambda f: f.__name__[len('_case_'):])
+def test_layout_through_the_cli(tmp_path, case):
+  sources, args, check = case(tmp_path)
+  result = run_cli(*sources, '--out', tmp_path / 'out', *args)
+  assert result.returncode == 0, result.stderr
+  model, _ = blip_jax.load(tmp_path / 'out')
+  check(model)

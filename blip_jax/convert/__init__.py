@@ -46,24 +46,40 @@ def load_torch(source, *, task: str = 'auto', strict: bool = True, keep_training
 def convert_checkpoint(ckpt: Checkpoint, *, task: str = 'auto', strict: bool = True,
                        keep_training_state: bool = False, seed: int = 0, **config_overrides):
   """`load_torch` for an already opened `Checkpoint` (several merged sources, say)."""
-  if task == 'blip2' or (task == 'auto' and 'query_tokens' in ckpt.tensors):
-    if keep_training_state:
-      raise ConversionError('BLIP-2 checkpoints have no training state to keep')
+  family = {'clip': 'clip', 'blip2': 'blip2', 'opt': 'opt'}.get(task, 'blip')
+  if task == 'auto':
+    family = detect_family(ckpt.tensors)
+  if keep_training_state and family != 'blip':
+    raise ConversionError(f'{family} checkpoints have no training state to keep')
+  if family == 'blip2':
     return _blip2.convert(ckpt, strict=strict, seed=seed, **config_overrides)
-  if task == 'opt' or (task == 'auto' and 'model.decoder.embed_tokens.weight' in ckpt.tensors):
+  if family == 'opt':
     return _opt.convert(ckpt, strict=strict, seed=seed, **config_overrides)
-  if task == 'clip' or (task == 'auto' and _looks_like_clip(ckpt.tensors)):
-    if keep_training_state:
-      raise ConversionError('CLIP checkpoints have no training state to keep')
+  if family == 'clip':
     return _clip.convert(ckpt, strict=strict, seed=seed, **config_overrides)
   return _blip.convert(ckpt, task, strict=strict, keep_training_state=keep_training_state,
                        seed=seed, **config_overrides)
 
 
-def _looks_like_clip(tensors) -> bool:
-  return 'visual.conv1.weight' in tensors or (
-      'vision_model.embeddings.patch_embedding.weight' in tensors
-      and 'vision_model.pre_layrnorm.weight' in tensors)  # HF CLIP and Chinese-CLIP, not BLIP
+# (family, description, a key that identifies it); the first match wins.
+SIGNATURES = (
+    ('blip2', 'BLIP-2 (LAVIS `query_tokens` + `Qformer.bert.*`, HF `Blip2*`)', 'query_tokens'),
+    ('clip', 'CLIP (OpenAI / open_clip `visual.conv1.weight`)', 'visual.conv1.weight'),
+    ('clip', 'CLIP / Chinese-CLIP (HF `vision_model.pre_layrnorm.*`)', 'vision_model.pre_layrnorm.weight'),
+    ('blip', 'BLIP (Salesforce `visual_encoder.blocks.*`)', 'visual_encoder.blocks.0.attn.qkv.weight'),
+    ('blip', 'BLIP (HF `vision_model.encoder.layers.*.self_attn.qkv`)',
+     'vision_model.encoder.layers.0.self_attn.qkv.weight'),
+    ('opt', 'OPT (HF `model.decoder.*`)', 'model.decoder.embed_tokens.weight'),
+)
+
+
+def detect_family(tensors) -> str:
+  for family, _, key in SIGNATURES:
+    if key in tensors:
+      return family
+  known = '; '.join(description for _, description, _ in SIGNATURES)
+  raise ConversionError(f'unrecognised checkpoint layout (keys e.g. {sorted(tensors)[:5]}); '
+                        f'recognised layouts: {known}')
 
 
 __all__ = ['load_torch', 'convert_checkpoint', 'read_checkpoint', 'read_checkpoints', 'Checkpoint',
