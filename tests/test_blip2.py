@@ -9,8 +9,8 @@ import transformers
 
 from blip_jax.convert import ConversionError, load_torch
 from blip_jax.models import layers
-from torch_refs import (BLIP2_IMAGE_TOKEN, BLIP2_QUERIES, assert_close, hf_blip2_opt, hf_blip2_retrieval,
-                        images, nhwc, randomize)
+from torch_refs import (BLIP2_IMAGE_TOKEN, BLIP2_QUERIES, assert_close, eva_checkpoint, hf_blip2_opt,
+                        hf_blip2_retrieval, images, nhwc, randomize, to_lavis)
 
 NUM_QUERY, IMAGE_TOKEN = BLIP2_QUERIES, BLIP2_IMAGE_TOKEN
 
@@ -133,45 +133,12 @@ def test_stage2_hf_logits(tmp_path, hf_stage2):
   _compare_stage2(model, hf_stage2)
 
 
-def _to_lavis(state_dict):
-  """HF BLIP-2 weights under LAVIS's names, without the frozen ViT and LLM (as LAVIS saves them)."""
-  rename = [('qformer.layernorm.', 'Qformer.bert.embeddings.LayerNorm.'), ('qformer.encoder.', 'Qformer.bert.encoder.'),
-            ('.attention.attention.', '.attention.self.'), ('.crossattention.attention.', '.crossattention.self.'),
-            ('embeddings.word_embeddings.', 'Qformer.bert.embeddings.word_embeddings.'),
-            ('embeddings.position_embeddings.', 'Qformer.bert.embeddings.position_embeddings.'),
-            ('language_projection.', 'opt_proj.'), ('vision_projection.', 'vision_proj.'),
-            ('text_projection.', 'text_proj.'), ('vision_model.post_layernorm.', 'ln_vision.')]
-  lavis = {}
-  for key, value in state_dict.items():
-    if key.startswith(('vision_model.embeddings', 'vision_model.encoder', 'language_model.')):
-      continue
-    for a, b in rename:
-      key = key.replace(a, b) if key.startswith(a) or a.startswith('.') else key
-    lavis[key] = value
-  return lavis
-
-
 def test_stage2_lavis_files_merged_with_vit_and_opt(tmp_path, hf_stage2):
   """A LAVIS stage-2 .pth (no ViT, no OPT) + EVA ViT-g .pth (40 blocks, bare keys) + HF OPT folder."""
   sd = hf_stage2.state_dict()
-  lavis = _to_lavis(sd)
+  lavis = to_lavis(sd)
   torch.save({'model': lavis}, tmp_path / 'blip2_opt.pth')
-  eva = {'cls_token': sd['vision_model.embeddings.class_embedding'],
-         'pos_embed': sd['vision_model.embeddings.position_embedding'],
-         'patch_embed.proj.weight': sd['vision_model.embeddings.patch_embedding.weight'],
-         'patch_embed.proj.bias': sd['vision_model.embeddings.patch_embedding.bias']}
-  for i in range(3):  # the checkpoint has one block more than BLIP-2 uses
-    j = min(i, 1)
-    p = f'vision_model.encoder.layers.{j}.'
-    qkv_bias = sd[p + 'self_attn.qkv.bias']
-    eva.update({f'blocks.{i}.norm1.weight': sd[p + 'layer_norm1.weight'], f'blocks.{i}.norm1.bias': sd[p + 'layer_norm1.bias'],
-                f'blocks.{i}.attn.qkv.weight': sd[p + 'self_attn.qkv.weight'],
-                f'blocks.{i}.attn.q_bias': qkv_bias[:24], f'blocks.{i}.attn.v_bias': qkv_bias[48:],
-                f'blocks.{i}.attn.proj.weight': sd[p + 'self_attn.projection.weight'],
-                f'blocks.{i}.attn.proj.bias': sd[p + 'self_attn.projection.bias'],
-                f'blocks.{i}.norm2.weight': sd[p + 'layer_norm2.weight'], f'blocks.{i}.norm2.bias': sd[p + 'layer_norm2.bias'],
-                f'blocks.{i}.mlp.fc1.weight': sd[p + 'mlp.fc1.weight'], f'blocks.{i}.mlp.fc1.bias': sd[p + 'mlp.fc1.bias'],
-                f'blocks.{i}.mlp.fc2.weight': sd[p + 'mlp.fc2.weight'], f'blocks.{i}.mlp.fc2.bias': sd[p + 'mlp.fc2.bias']})
+  eva = eva_checkpoint(sd, extra_blocks=1)
   torch.save(eva, tmp_path / 'eva_vit_g.pth')
   hf_stage2.language_model.save_pretrained(tmp_path / 'opt')
   heads = dict(vision={'num_heads': 2, 'ln_eps': 1e-6}, qformer={'num_heads': 2}, ln_vision_eps=1e-6)
@@ -323,7 +290,7 @@ def test_lavis_clip_vit_l_alternative(tmp_path, hf_and_ours):
   hf = hf_and_ours[0]
   torch.manual_seed(1)
   clip_vit = randomize(OpenAIVisual(28, 7, 24, 3, 2, 12).eval())  # 3 blocks in the file, BLIP-2 uses 2
-  lavis = {**_to_lavis(hf.state_dict()), **_random_lm_head(16), 'temp': torch.tensor(0.07)}
+  lavis = {**to_lavis(hf.state_dict()), **_random_lm_head(16), 'temp': torch.tensor(0.07)}
   assert all(k.startswith(('Qformer.', 'ln_vision.', 'query_tokens', 'vision_proj.', 'text_proj.', 'itm_head.', 'temp'))
              for k in lavis), sorted(lavis)
   torch.save({'model': lavis}, tmp_path / 'blip2_clip.pth')

@@ -11,8 +11,8 @@ import transformers
 
 import blip_jax
 from blip_jax.convert.cli import main
-from torch_refs import (OVERRIDES, OpenAICLIP, assert_close, build_hf, hf_blip2_opt, hf_chinese_clip, hf_clip,
-                        hf_opt, images, nhwc, randomize, text_batch, to_salesforce)
+from torch_refs import (OVERRIDES, OpenAICLIP, assert_close, build_hf, eva_checkpoint, hf_blip2_opt, hf_chinese_clip,
+                        hf_clip, hf_opt, images, nhwc, randomize, text_batch, to_lavis, to_salesforce)
 
 ROOT = pathlib.Path(__file__).parents[1]
 BLIP_HEADS = json.dumps({k: OVERRIDES[k] for k in ('vision', 'text', 'bos_token_id', 'enc_token_id',
@@ -200,3 +200,26 @@ def test_layout_through_the_cli(tmp_path, case):
   assert result.returncode == 0, result.stderr
   model, _ = blip_jax.load(tmp_path / 'out')
   check(model)
+
+
+def test_lavis_blip2_from_three_sources_through_the_cli(tmp_path):
+  hf = hf_blip2_opt()
+  sd = hf.state_dict()
+  torch.save({'model': to_lavis(sd)}, tmp_path / 'blip2_opt.pth')
+  torch.save(eva_checkpoint(sd), tmp_path / 'eva_vit_g.pth')
+  hf.language_model.save_pretrained(tmp_path / 'opt')
+  heads = json.dumps({'vision': {'num_heads': 2, 'ln_eps': 1e-6}, 'qformer': {'num_heads': 2},
+                      'ln_vision_eps': 1e-6})
+  missing = run_cli(tmp_path / 'blip2_opt.pth', '--out', tmp_path / 'out', '--override', heads)
+  assert missing.returncode == 1 and 'omit the frozen ViT' in missing.stderr
+  result = run_cli(tmp_path / 'blip2_opt.pth', tmp_path / 'eva_vit_g.pth', tmp_path / 'opt',
+                   '--out', tmp_path / 'out', '--override', heads)
+  assert result.returncode == 0, result.stderr
+  assert 'the last EVA block, which BLIP-2 drops' in result.stdout
+  model, _ = blip_jax.load(tmp_path / 'out')
+  x = images(size=28)
+  ids = torch.tensor([[2, 11, 12]])
+  full = torch.cat([torch.full((1, 4), 39), ids], 1)
+  with torch.no_grad():
+    ref = hf(pixel_values=x[:1], input_ids=full).logits
+  assert_close(model.logits(model.image_embeds(nhwc(x[:1])), ids.numpy()), ref, 'BLIP-2 OPT logits')

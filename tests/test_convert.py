@@ -90,3 +90,18 @@ def test_momentum_copies_start_from_the_online_weights_when_absent():
   model, cfg, report = load_torch(hf.state_dict(), keep_training_state=True, **OVERRIDES)
   assert cfg.with_momentum and 'text_proj_m.weight' in report.missing
   np.testing.assert_array_equal(model.text_proj_m.kernel[...], hf.text_proj.weight.detach().numpy().T)
+
+
+@pytest.mark.parametrize('weights', ['sharded', 'pytorch_model.bin'])
+def test_hf_folder_formats(tmp_path, hf_caption, weights):
+  if weights == 'sharded':  # several *.safetensors + model.safetensors.index.json
+    hf_caption.save_pretrained(tmp_path, max_shard_size='20KB')
+    assert (tmp_path / 'model.safetensors.index.json').exists()
+  else:  # older HF folders: config.json + a pickle
+    hf_caption.config.save_pretrained(tmp_path)
+    torch.save(hf_caption.state_dict(), tmp_path / 'pytorch_model.bin')
+  model, _, _ = load_torch(tmp_path)
+  x = images()
+  with torch.no_grad():
+    ref = hf_caption.vision_model(x).last_hidden_state
+  assert_close(model.image_embeds(nhwc(x)), ref, 'vision states')

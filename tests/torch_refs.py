@@ -318,3 +318,42 @@ class OpenAICLIP(torch.nn.Module):
     i, t = self.visual(image), self.encode_text(text)
     i, t = i / i.norm(dim=1, keepdim=True), t / t.norm(dim=1, keepdim=True)
     return self.logit_scale.exp() * i @ t.t()
+
+
+def to_lavis(state_dict):
+  """HF BLIP-2 weights under LAVIS's names, without the frozen ViT and LLM (as LAVIS saves them)."""
+  rename = [('qformer.layernorm.', 'Qformer.bert.embeddings.LayerNorm.'), ('qformer.encoder.', 'Qformer.bert.encoder.'),
+            ('.attention.attention.', '.attention.self.'), ('.crossattention.attention.', '.crossattention.self.'),
+            ('embeddings.word_embeddings.', 'Qformer.bert.embeddings.word_embeddings.'),
+            ('embeddings.position_embeddings.', 'Qformer.bert.embeddings.position_embeddings.'),
+            ('language_projection.', 'opt_proj.'), ('vision_projection.', 'vision_proj.'),
+            ('text_projection.', 'text_proj.'), ('vision_model.post_layernorm.', 'ln_vision.')]
+  lavis = {}
+  for key, value in state_dict.items():
+    if key.startswith(('vision_model.embeddings', 'vision_model.encoder', 'language_model.')):
+      continue
+    for a, b in rename:
+      key = key.replace(a, b) if key.startswith(a) or a.startswith('.') else key
+    lavis[key] = value
+  return lavis
+
+
+def eva_checkpoint(state_dict, extra_blocks=1):
+  """The HF BLIP-2 vision tower as LAVIS's bare `eva_vit_g.pth` keys, with `extra_blocks` copies
+  of the last block appended (the file has a block that BLIP-2 drops)."""
+  sd, p = state_dict, 'vision_model.'
+  eva = {'cls_token': sd[p + 'embeddings.class_embedding'], 'pos_embed': sd[p + 'embeddings.position_embedding'],
+         'patch_embed.proj.weight': sd[p + 'embeddings.patch_embedding.weight'],
+         'patch_embed.proj.bias': sd[p + 'embeddings.patch_embedding.bias']}
+  layers = sorted({int(k.split('.')[3]) for k in sd if k.startswith(p + 'encoder.layers.')})
+  names = {'layer_norm1': 'norm1', 'layer_norm2': 'norm2', 'self_attn.projection': 'attn.proj',
+           'self_attn.qkv': 'attn.qkv', 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2'}
+  for i in range(len(layers) + extra_blocks):
+    src = f'{p}encoder.layers.{min(i, layers[-1])}.'
+    for hf_name, eva_name in names.items():
+      eva[f'blocks.{i}.{eva_name}.weight'] = sd[f'{src}{hf_name}.weight']
+      if hf_name != 'self_attn.qkv':
+        eva[f'blocks.{i}.{eva_name}.bias'] = sd[f'{src}{hf_name}.bias']
+    q, _, v = sd[f'{src}self_attn.qkv.bias'].chunk(3)
+    eva[f'blocks.{i}.attn.q_bias'], eva[f'blocks.{i}.attn.v_bias'] = q, v
+  return eva
