@@ -1,11 +1,13 @@
 """Zero-shot classification with CLIP: class names x prompt templates -> a linear classifier.
 
-    classifier = zero_shot_classifier(model, token_ids)   # token_ids [C classes, T templates, L]
+    ids, mask = tokenize_prompts(tokenizer, class_names, templates, context_length=77)
+    classifier = zero_shot_classifier(model, ids, mask)   # ids [C classes, T templates, L]
     top_idx, top_prob = classify(model, images, classifier, k=5)
 
 Each class's prompts ("a photo of a {}.", ...) are encoded, normalised and averaged, then the
 mean is normalised again (OpenAI's prompt ensembling). Tokenize the prompts with the model's
-own tokenizer (HF `CLIPTokenizer` from a local folder, or open_clip's bundled BPE).
+own tokenizer: any HF tokenizer object, e.g. `CLIPTokenizer.from_pretrained(local_folder)` for
+CLIP (a folder with `vocab.json` and `merges.txt`) or `BertTokenizer` for Chinese-CLIP.
 """
 
 from __future__ import annotations
@@ -15,6 +17,21 @@ import jax.numpy as jnp
 
 from blip_jax.models.clip import CLIP
 from blip_jax.models.layers import l2_normalize
+
+
+def tokenize_prompts(tokenizer, class_names, templates, context_length: int = 77):
+  """Token ids and mask [C, T, L] of every `template.format(name)`, padded to `context_length`
+  (static shapes: one compilation for any number of classes of the same count)."""
+  if not class_names or not templates:
+    raise ValueError('zero-shot classification needs at least one class name and one template')
+  bad = [t for t in templates if '{}' not in t]
+  if bad:
+    raise ValueError(f'templates must contain "{{}}" where the class name goes: {bad}')
+  texts = [t.format(name) for name in class_names for t in templates]
+  enc = tokenizer(texts, padding='max_length', truncation=True, max_length=context_length,
+                  return_tensors='np')
+  shape = (len(class_names), len(templates), context_length)
+  return enc['input_ids'].reshape(shape), enc['attention_mask'].reshape(shape)
 
 
 def zero_shot_classifier(model: CLIP, token_ids, attention_mask=None):

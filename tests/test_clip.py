@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from blip_jax.convert import ConversionError, load_torch
 from torch_refs import OpenAICLIP, assert_close, hf_chinese_clip, hf_clip, nhwc, randomize
@@ -33,8 +34,7 @@ def test_hf_clip_features_and_logits(tmp_path, act, eos):
   with torch.no_grad():
     ref_image = hf.get_image_features(pixel_values=x)
     ref_text = hf.get_text_features(input_ids=ids, attention_mask=MASK)
-  ref_image = getattr(ref_image, 'pooler_output', ref_image)
-  ref_text = getattr(ref_text, 'pooler_output', ref_text)
+  ref_image, ref_text = _output(ref_image), _output(ref_text)
   assert_close(image, ref_image, 'image features')
   assert_close(text, ref_text, 'text features')
   assert_close(model.logits(image, text), out.logits_per_image, 'logits per image')
@@ -82,8 +82,7 @@ def test_zero_shot_classification_matches_pytorch():
   with torch.no_grad():
     text = hf.get_text_features(input_ids=ids.reshape(12, 6))
     image = hf.get_image_features(pixel_values=x)
-    text = getattr(text, 'pooler_output', text)
-    image = getattr(image, 'pooler_output', image)
+    text, image = _output(text), _output(image)
     text = torch.nn.functional.normalize(text, dim=-1).reshape(4, 3, -1).mean(1)
     weights = torch.nn.functional.normalize(text, dim=-1).T
     probs = (hf.logit_scale.exp() * torch.nn.functional.normalize(image, dim=-1) @ weights).softmax(-1)
@@ -108,8 +107,7 @@ def test_hf_chinese_clip(tmp_path):
     out = hf(input_ids=ids, pixel_values=x, attention_mask=mask)
     ref_image = hf.get_image_features(pixel_values=x)
     ref_text = hf.get_text_features(input_ids=ids, attention_mask=mask)
-  ref_image = getattr(ref_image, 'pooler_output', ref_image)
-  ref_text = getattr(ref_text, 'pooler_output', ref_text)
+  ref_image, ref_text = _output(ref_image), _output(ref_text)
   image, text = model.encode_image(nhwc(x)), model.encode_text(ids.numpy(), mask.numpy())
   assert_close(image, ref_image, 'image features')
   assert_close(text, ref_text, 'text features')
@@ -128,4 +126,36 @@ def test_named_configs_and_resized_image_size():
   x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(7))
   with torch.no_grad():
     ref = hf.get_image_features(pixel_values=x, interpolate_pos_encoding=True)
-  assert_close(model.encode_image(nhwc(x)), getattr(ref, 'pooler_output', ref), 'image features at 48 px')
+  assert_close(model.encode_image(nhwc(x)), _output(ref), 'image features at 48 px')
+
+
+def test_zero_shot_from_class_names_with_a_tokenizer(tmp_path):
+  """Class names x templates -> tokenizer -> classifier -> predictions, against the PyTorch
+  Chinese-CLIP (a BERT text tower, so a tiny WordPiece vocabulary written here tokenizes)."""
+  from blip_jax.zero_shot import classify, tokenize_prompts, zero_shot_classifier
+  words = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'a', 'photo', 'of', 'the', 'cat', 'dog', 'bird', 'picture']
+  (tmp_path / 'vocab.txt').write_text('\n'.join(words) + '\n')
+  tokenizer = transformers.BertTokenizer(str(tmp_path / 'vocab.txt'))
+  classes, templates = ['cat', 'dog', 'bird'], ['a photo of the {}', 'a picture of a {}']
+  ids, mask = tokenize_prompts(tokenizer, classes, templates, context_length=8)
+  assert ids.shape == (3, 2, 8) and tokenizer.decode(ids[1, 0], skip_special_tokens=True) == 'a photo of the dog'
+  hf = hf_chinese_clip()
+  hf.save_pretrained(tmp_path / 'hf')
+  model, _, _ = load_torch(tmp_path / 'hf')
+  x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+  with torch.no_grad():
+    text = _output(hf.get_text_features(input_ids=torch.tensor(ids.reshape(6, 8)),
+                                        attention_mask=torch.tensor(mask.reshape(6, 8))))
+    weights = torch.nn.functional.normalize(
+        torch.nn.functional.normalize(text, dim=-1).reshape(3, 2, -1).mean(1), dim=-1).T
+    image = torch.nn.functional.normalize(_output(hf.get_image_features(pixel_values=x)), dim=-1)
+    ref_prob, ref_idx = (hf.logit_scale.exp() * image @ weights).softmax(-1).topk(2)
+  idx, prob = classify(model, nhwc(x), zero_shot_classifier(model, ids, mask), k=2)
+  np.testing.assert_array_equal(idx, ref_idx.numpy())
+  assert_close(prob, ref_prob, 'top-2 probabilities')
+  with pytest.raises(ValueError, match='must contain'):
+    tokenize_prompts(tokenizer, classes, ['a photo'])
+
+
+def _output(out):
+  return getattr(out, 'pooler_output', out)

@@ -37,6 +37,23 @@ def parse_args(argv):
   return p.parse_args(argv)
 
 
+def describe(config) -> str:
+  """One line of the sizes that were inferred, e.g. 'ViT 768x12 patch 16 @ 384 | text 768x12'."""
+  parts = []
+  vision = getattr(config, 'vision', None)
+  if vision is not None:
+    parts.append(f'ViT {vision.width}x{vision.depth} patch {vision.patch_size} @ {vision.image_size}')
+  for name in ('text', 'qformer', 'opt'):
+    tower = getattr(config, name, None)
+    if tower is not None:
+      width = getattr(tower, 'hidden_size', None) or getattr(tower, 'width')
+      layers = tower.num_layers
+      parts.append(f'{name} {width}x{layers}')
+  if hasattr(config, 'num_layers'):  # a bare OPT
+    parts.append(f'OPT {config.hidden_size}x{config.num_layers}')
+  return ' | '.join(parts)
+
+
 def check_out_dir(out: str, sources_sha: list[str], options: dict, force: bool) -> None:
   """Refuse to overwrite anything but the same conversion, unless forced."""
   if not os.path.exists(out) or force:
@@ -76,6 +93,7 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   print(f'detected: {model_io.family_of(config)} {report.task} ({report.layout} layout)')
+  print(f'architecture: {describe(config)}')
   print(report.summary())
   provenance = {**model_io.provenance(ckpt, report), 'options': options}
   ckpt.tensors.clear()  # unmap the source before writing: peak memory stays near one model
