@@ -14,7 +14,8 @@ from flax import nnx
 
 from blip_jax.convert.readers import Checkpoint
 from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
-                                   count_indexed, materialise_initial_values, resize_vit_pos_embed)
+                                   count_indexed, materialise_initial_values, renamer,
+                                   resize_vit_pos_embed)
 from blip_jax.models import blip as blip_models
 from blip_jax.models.bert import BertConfig
 from blip_jax.models.vit import ViTConfig
@@ -55,12 +56,6 @@ def detect_layout(keys) -> str:
   raise ConversionError('not a BLIP checkpoint: expected a fused ViT qkv under '
                         '"visual_encoder.blocks.0.attn.qkv.weight" (Salesforce) or '
                         f'"vision_model.encoder.layers.0.self_attn.qkv.weight" (HuggingFace), found e.g. {sample}')
-
-
-def to_salesforce_name(key: str) -> str:
-  for pattern, repl in HF_RENAMES:
-    key = re.sub(pattern, repl, key)
-  return key
 
 
 def detect_task(keys) -> str:
@@ -167,7 +162,7 @@ def convert(ckpt: Checkpoint, task: str = 'auto', *, strict: bool = True,
             keep_training_state: bool = False, seed: int = 0, **overrides):
   """Build the BLIP model for `task` and fill it from `ckpt`. Returns (model, config, report)."""
   layout = detect_layout(ckpt.tensors)
-  tensors = ckpt.tensors.renamed(to_salesforce_name if layout == 'huggingface' else str)
+  tensors = ckpt.tensors.renamed(renamer(HF_RENAMES) if layout == 'huggingface' else str)
   if task == 'auto':
     task = detect_task(tensors)
   if task not in blip_models.TASKS:

@@ -18,7 +18,8 @@ from blip_jax.convert.opt import infer_config as opt_infer_config
 from blip_jax.convert.opt import tie_lm_head as tie_opt_lm_head
 from blip_jax.convert.readers import Checkpoint
 from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
-                                   count_indexed, materialise_initial_values, resize_vit_pos_embed)
+                                   count_indexed, materialise_initial_values, renamer,
+                                   resize_vit_pos_embed)
 from blip_jax.models import blip2 as blip2_models
 from blip_jax.models.qformer import QFormerConfig
 from blip_jax.models.vit import ViTConfig
@@ -69,14 +70,6 @@ def detect_layout(keys) -> str:
     return 'lavis'
   raise ConversionError('not a BLIP-2 checkpoint: expected "Qformer.bert.*" (LAVIS) or '
                         f'"qformer.encoder.*" (HuggingFace), found e.g. {sorted(keys)[:5]}')
-
-
-def _renamer(renames):
-  def rename(key: str) -> str:
-    for pattern, repl in renames:
-      key = re.sub(pattern, repl, key)
-    return key
-  return rename
 
 
 def split_hf_qkv_bias(tensors) -> None:
@@ -160,7 +153,7 @@ def convert(ckpt: Checkpoint, *, strict: bool = True, seed: int = 0, **overrides
   clip_vit = any(k in ckpt.tensors for k in ('conv1.weight', 'visual_encoder.conv1.weight'))
   renames = ((HF_RENAMES if layout == 'huggingface' else ()) + BARE_PART_RENAMES
              + (CLIP_VIT_RENAMES if clip_vit else ()))
-  tensors = ckpt.tensors.renamed(_renamer(renames))
+  tensors = ckpt.tensors.renamed(renamer(renames))
   if layout == 'huggingface' and not clip_vit:
     split_hf_qkv_bias(tensors)
   if clip_vit:

@@ -9,13 +9,13 @@ way OpenAI's `build_model` does.
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 
 from blip_jax.convert.readers import Checkpoint, TensorStore
 from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
-                                   count_indexed, materialise_initial_values, resize_vit_pos_embed)
+                                   count_indexed, materialise_initial_values, renamer,
+                                   resize_vit_pos_embed)
 from blip_jax.models import clip as clip_models
 from blip_jax.models.bert import BertConfig
 
@@ -70,14 +70,7 @@ def detect_layout(keys) -> str:
 
 
 def normalise(tensors: TensorStore, layout: str) -> TensorStore:
-  renames = OPENAI_RENAMES if layout == 'openai' else HF_RENAMES
-
-  def rename(key):
-    for pattern, repl in renames:
-      key = re.sub(pattern, repl, key)
-    return key
-
-  out = tensors.renamed(rename)
+  out = tensors.renamed(renamer(OPENAI_RENAMES if layout == 'openai' else HF_RENAMES))
   if layout.startswith('huggingface'):
     # Fuse q/k/v (rows [q; k; v], as OpenAI's in_proj) and turn Linear weights into x @ P.
     for key in [k for k in out if '.self_attn.q_proj.' in k]:

@@ -119,6 +119,15 @@ class Rules:
   resize: tuple[tuple[str, Callable], ...] = ()
 
 
+def renamer(renames):
+  """A function applying (regex, replacement) pairs to a key, in order."""
+  def rename(key: str) -> str:
+    for pattern, repl in renames:
+      key = re.sub(pattern, repl, key)
+    return key
+  return rename
+
+
 def count_indexed(keys, pattern: str) -> int:
   """Number of layers: 1 + the largest index captured by `pattern` among `keys` (0 if none)."""
   idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}

@@ -312,18 +312,14 @@ class BertModel(nnx.Module):
     """
     index = cache['index']
     x = self.embeddings(input_ids, inputs_embeds, position_offset=index)
-    t, max_length = x.shape[1], attention_mask.shape[1]
-    query_pos = index + jnp.arange(t)
-    allowed = (jnp.arange(max_length)[None, :] <= query_pos[:, None])[None]
-    allowed = allowed & jnp.asarray(attention_mask, bool)[:, None, :]
-    self_bias = layers.mask_to_bias(allowed)
+    self_bias = layers.cached_causal_bias(attention_mask, index, x.shape[1])
     new_layers = []
     for layer, layer_cache in zip(self.encoder.layer, cache['layers']):
       kv_cache = {'k': layer_cache['k'], 'v': layer_cache['v']}
       x, kv_cache = layer(x, self_bias, (layer_cache['cross_kv'], cache['cross_bias']),
                           cache=kv_cache, cache_index=index)
       new_layers.append({**kv_cache, 'cross_kv': layer_cache['cross_kv']})
-    return x, {**cache, 'index': index + t, 'layers': new_layers}
+    return x, {**cache, 'index': index + x.shape[1], 'layers': new_layers}
 
 
 class PredictionHeadTransform(nnx.Module):

@@ -86,6 +86,14 @@ def make_attn_mask(input_mask, mask_ar):
   return allowed & input_mask[:, None, :]
 
 
+def cached_causal_bias(slot_mask, index, num_new: int):
+  """Bias [B, 1, T, L] for T new tokens at cache positions index..index+T-1 attending to a
+  cache of L slots: earlier-or-same slots that hold real tokens (`slot_mask` [B, L])."""
+  query_pos = index + jnp.arange(num_new)
+  allowed = (jnp.arange(slot_mask.shape[1])[None, :] <= query_pos[:, None])[None]
+  return mask_to_bias(allowed & jnp.asarray(slot_mask, bool)[:, None, :])
+
+
 def mask_to_bias(mask):
   """Boolean keep-mask [B, Tk] or [B, Tq, Tk] -> additive bias broadcasting to [B, H, Tq, Tk]."""
   mask = jnp.asarray(mask, jnp.float32)

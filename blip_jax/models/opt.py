@@ -181,12 +181,9 @@ class OPTForCausalLM(nnx.Module):
     if inputs_embeds is None:
       inputs_embeds = self.embed(input_ids)
     index, t = cache['index'], inputs_embeds.shape[1]
-    max_length = attention_mask.shape[1]
-    query_pos = index + jnp.arange(t)
-    allowed = (jnp.arange(max_length)[None, :] <= query_pos[:, None])[None]
-    allowed = allowed & jnp.asarray(attention_mask, bool)[:, None, :]
     positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), index, t, axis=1)
-    hidden, caches = self.model.decoder.run(inputs_embeds, positions, layers.mask_to_bias(allowed),
+    hidden, caches = self.model.decoder.run(inputs_embeds, positions,
+                                            layers.cached_causal_bias(attention_mask, index, t),
                                             cache['layers'], index)
     return self.logits_from_hidden(hidden), {'index': index + t, 'layers': caches}
 

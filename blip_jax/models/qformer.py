@@ -29,35 +29,15 @@ from blip_jax.models.bert import (BertAttention, BertConfig, BertIntermediate, B
 
 
 @dataclasses.dataclass(frozen=True)
-class QFormerConfig:
+class QFormerConfig(BertConfig):
+  """The MED BertConfig with BLIP-2's defaults and the Q-Former's own fields."""
   vocab_size: int = 30523  # bert-base-uncased + [DEC]
-  hidden_size: int = 768
-  num_layers: int = 12
-  num_heads: int = 12
-  intermediate_size: int = 3072
-  max_position_embeddings: int = 512
-  ln_eps: float = 1e-12
-  act: str = 'gelu'
-  hidden_dropout: float = 0.1
-  attention_dropout: float = 0.1
   encoder_width: int = 1408  # the image encoder's width (EVA ViT-g)
   cross_attention_freq: int = 2
   num_query_tokens: int = 32
   # Stage 2 (BLIP-2 with an LLM) drops the text side: word/position embeddings, the text FFNs
   # and the LM head.
   text_input: bool = True
-  label_smoothing: float = 0.1
-  dtype: str = 'float32'
-
-  def bert(self) -> BertConfig:
-    """The equivalent BertConfig, for the blocks shared with the MED BERT."""
-    return BertConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                      num_layers=self.num_layers, num_heads=self.num_heads,
-                      intermediate_size=self.intermediate_size,
-                      max_position_embeddings=self.max_position_embeddings, ln_eps=self.ln_eps,
-                      act=self.act, hidden_dropout=self.hidden_dropout,
-                      attention_dropout=self.attention_dropout, encoder_width=self.encoder_width,
-                      label_smoothing=self.label_smoothing, dtype=self.dtype)
 
 
 class QFormerEmbeddings(nnx.Module):
@@ -110,14 +90,13 @@ class QFormerLayer(nnx.Module):
 
 class QFormerEncoder(nnx.Module):
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
-    bert = cfg.bert()
-    self.layer = nnx.List([QFormerLayer(bert, i % cfg.cross_attention_freq == 0, cfg.text_input, rngs=rngs)
+    self.layer = nnx.List([QFormerLayer(cfg, i % cfg.cross_attention_freq == 0, cfg.text_input, rngs=rngs)
                            for i in range(cfg.num_layers)])
 
 
 class QFormerBert(nnx.Module):
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
-    self.embeddings = QFormerEmbeddings(cfg.bert(), cfg.text_input, rngs=rngs)
+    self.embeddings = QFormerEmbeddings(cfg, cfg.text_input, rngs=rngs)
     self.encoder = QFormerEncoder(cfg, rngs=rngs)
 
   def __call__(self, query_embeds=None, input_ids=None, attention_mask=None, *, image_embeds=None,
@@ -153,7 +132,7 @@ class QFormer(nnx.Module):
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
     self.config = cfg
     self.bert = QFormerBert(cfg, rngs=rngs)
-    self.cls = OnlyMLMHead(cfg.bert(), rngs=rngs) if cfg.text_input else None
+    self.cls = OnlyMLMHead(cfg, rngs=rngs) if cfg.text_input else None
 
   def lm_logits(self, hidden):
     return self.cls.predictions(hidden, self.bert.embeddings.word_embeddings).astype(jnp.float32)
