@@ -20,17 +20,20 @@ from blip_jax.models import blip as blip_models
 from blip_jax.models.bert import BertConfig
 from blip_jax.models.vit import ViTConfig
 
-# HuggingFace names -> original names (applied in order, on key prefixes / infixes).
-HF_RENAMES = (
+# HF's BLIP / BLIP-2 ViT names -> the original (timm-style) names our ViT mirrors.
+HF_VIT_RENAMES = (
     (r'^vision_model\.embeddings\.class_embedding$', 'visual_encoder.cls_token'),
     (r'^vision_model\.embeddings\.position_embedding$', 'visual_encoder.pos_embed'),
     (r'^vision_model\.embeddings\.patch_embedding\.', 'visual_encoder.patch_embed.proj.'),
-    (r'^vision_model\.post_layernorm\.', 'visual_encoder.norm.'),
     (r'^vision_model\.encoder\.layers\.', 'visual_encoder.blocks.'),
     (r'\.layer_norm1\.', '.norm1.'),
     (r'\.layer_norm2\.', '.norm2.'),
     (r'\.self_attn\.qkv\.', '.attn.qkv.'),
     (r'\.self_attn\.projection\.', '.attn.proj.'),
+)
+# HuggingFace BLIP names -> original names (applied in order).
+HF_RENAMES = HF_VIT_RENAMES + (
+    (r'^vision_model\.post_layernorm\.', 'visual_encoder.norm.'),
     (r'^text_model\.', 'text_encoder.'),  # HF BlipModel's text tower
 )
 

@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+from blip_jax.convert.blip import HF_VIT_RENAMES
 from blip_jax.convert.clip import OPENAI_RENAMES
 from blip_jax.convert.opt import infer_config as opt_infer_config
 from blip_jax.convert.opt import tie_lm_head as tie_opt_lm_head
@@ -24,14 +25,8 @@ from blip_jax.models import blip2 as blip2_models
 from blip_jax.models.qformer import QFormerConfig
 from blip_jax.models.vit import ViTConfig
 
-HF_RENAMES = (
-    (r'^vision_model\.embeddings\.class_embedding$', 'visual_encoder.cls_token'),
-    (r'^vision_model\.embeddings\.position_embedding$', 'visual_encoder.pos_embed'),
-    (r'^vision_model\.embeddings\.patch_embedding\.', 'visual_encoder.patch_embed.proj.'),
-    (r'^vision_model\.encoder\.layers\.', 'visual_encoder.blocks.'),
+HF_RENAMES = HF_VIT_RENAMES + (
     (r'^vision_model\.post_layernorm\.', 'ln_vision.'),
-    (r'\.layer_norm1\.', '.norm1.'), (r'\.layer_norm2\.', '.norm2.'),
-    (r'\.self_attn\.qkv\.', '.attn.qkv.'), (r'\.self_attn\.projection\.', '.attn.proj.'),
     (r'^qformer\.layernorm\.', 'Qformer.bert.embeddings.LayerNorm.'),
     (r'^embeddings\.(word|position)_embeddings\.', r'Qformer.bert.embeddings.\1_embeddings.'),
     (r'^qformer\.encoder\.', 'Qformer.bert.encoder.'),
