@@ -77,7 +77,7 @@ class Checkpoint:
 
 
 def _unwrap(obj: Mapping[str, Any], source: str) -> dict[str, Any]:
-  """Find the state dict inside a training checkpoint and strip DDP `module.` prefixes."""
+  """Find the state dict inside a training checkpoint (tensors only)."""
   for key in WRAPPER_KEYS:
     if key in obj and isinstance(obj[key], Mapping):
       obj = obj[key]
@@ -86,7 +86,7 @@ def _unwrap(obj: Mapping[str, Any], source: str) -> dict[str, Any]:
   for key, value in obj.items():
     if not hasattr(value, 'shape'):
       continue  # epoch counters, configs and the like next to the weights
-    tensors[key[len('module.'):] if key.startswith('module.') else key] = value
+    tensors[key] = value
   if not tensors:
     raise ValueError(f'{source}: no tensors found (looked at the top level and under {WRAPPER_KEYS})')
   return tensors
@@ -136,6 +136,7 @@ def _file_loaders(path: str) -> dict[str, Callable[[], Any]]:
 
 
 def _strip_module(loaders):
+  """Drop DDP's `module.` prefix."""
   return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in loaders.items()}
 
 
@@ -149,7 +150,8 @@ def read_checkpoint(source) -> Checkpoint:
     return source
   if isinstance(source, Mapping):
     tensors = _unwrap(source, '<state dict>')
-    return Checkpoint(TensorStore({k: (lambda v=v: v) for k, v in tensors.items()}), '<state dict>')
+    return Checkpoint(TensorStore(_strip_module({k: (lambda v=v: v) for k, v in tensors.items()})),
+                      '<state dict>')
   path = os.fspath(source)
   if not os.path.exists(path):
     raise FileNotFoundError(f'checkpoint not found: {path}')
