@@ -49,16 +49,25 @@ In Python:
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == '__main__':
+  # `python -m blip_jax.data.synthetic_scenes`: run the command line from the module under its
+  # package name, which TFDS needs (it registers the builder once and looks up its package).
+  from blip_jax.data.synthetic_scenes import main
+  sys.exit(main())
+
 import argparse
 import dataclasses
 import os
-import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-from blip_jax.data import text as text_lib
+from blip_jax.data.tokenizer import BlipTokenizer
+from blip_jax.data.vocab import build_wordpiece_vocab
 
 SHAPES = ('circle', 'square', 'triangle', 'diamond')
 COLORS = ('red', 'green', 'blue', 'yellow', 'purple', 'orange')
@@ -455,6 +464,10 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
                             resolution=224, num_train=10000, num_val=1000, num_test=1000),
   ]
   DEFAULT_CONFIG_NAME = 'default'
+  # Where TFDS looks for checksums / metadata files next to the code. Given explicitly: TFDS's
+  # own inference needs the `importlib_resources` package, which is not always installed.
+  code_path = epath.Path(os.path.abspath(__file__))
+  pkg_dir_path = epath.Path(os.path.dirname(os.path.abspath(__file__)))
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
@@ -501,7 +514,7 @@ def write_vocab(config: SyntheticScenesConfig, path) -> str:
            for t in example_texts(config, split, i)]
   # BLIP's captioning prompt, so that prompting works with this vocabulary too.
   texts.append('a picture of ')
-  return text_lib.build_wordpiece_vocab(texts, os.fspath(path))
+  return build_wordpiece_vocab(texts, os.fspath(path))
 
 
 def _builder(config='default', data_dir=None) -> SyntheticScenes:
@@ -534,9 +547,9 @@ def vocab_path(config='default', data_dir=None) -> str:
   return path
 
 
-def tokenizer(config='default', data_dir=None) -> text_lib.BlipTokenizer:
+def tokenizer(config='default', data_dir=None) -> BlipTokenizer:
   """A `BlipTokenizer` on the built dataset's vocabulary."""
-  return text_lib.BlipTokenizer.from_vocab(vocab_path(config, data_dir))
+  return BlipTokenizer(vocab_path(config, data_dir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,6 +623,3 @@ def main(argv=None) -> int:
         f'vocabulary: {vocab_path(builder)}')
   return 0
 
-
-if __name__ == '__main__':
-  sys.exit(main())

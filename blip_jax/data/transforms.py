@@ -1,0 +1,68 @@
+"""Image preprocessing in TensorFlow ops (for tf.data pipelines), as the originals do it.
+
+- `blip_eval`: squash-resize to S x S (bicubic, no crop), then normalise (BLIP / BLIP-2 eval);
+- `clip_eval`: resize the shorter side to S (bicubic), centre-crop S x S, normalise (CLIP);
+- `blip_train`: RandomResizedCrop(S, scale=(0.5, 1.0), bicubic) and a horizontal flip, then
+  normalise. (RandAugment is not applied yet.)
+
+Inputs are uint8 HWC images; outputs float32 HWC, normalised with the CLIP/BLIP mean and std.
+Resizing uses antialiased bicubic filtering, like PIL's, so downscaled images match the
+originals' torchvision/PIL pipelines closely (see tests/test_transforms.py for the measured gap).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize(image):
+  """uint8 or [0, 1] float image -> (x - mean) / std, float32."""
+  image = tf.convert_to_tensor(image)
+  if image.dtype == tf.uint8:
+    image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(MEAN)) / tf.constant(STD)
+
+
+def _resize(image, height, width):
+  image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, (height, width), method='bicubic',
+                          antialias=True)
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def blip_eval(image, size: int):
+  return normalize(_resize(image, size, size))
+
+
+def clip_eval(image, size: int):
+  """torchvision's Resize(size) (shorter side to `size`, longer side truncated) + CenterCrop."""
+  hw = tf.shape(image)[:2]
+  short = tf.reduce_min(hw)
+  new = tf.where(hw == short, size, (size * hw) // short)
+  image = _resize(image, new[0], new[1])
+  # CenterCrop's offset: round((new - size) / 2), half to even like Python's round.
+  top, left = (tf.cast(tf.round(tf.cast(new - size, tf.float32) / 2), tf.int32)[i] for i in (0, 1))
+  return normalize(image[top:top + size, left:left + size])
+
+
+def blip_train(image, size: int, seed, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+  """A random crop covering `scale` of the area with aspect ratio in `ratio`, resized to S x S,
+  flipped with probability 1/2; `seed` is a stateless [2] int seed (deterministic pipelines)."""
+  shape = tf.shape(image)
+  area = tf.cast(shape[0] * shape[1], tf.float32)
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  target_area = area * tf.random.stateless_uniform([], seeds[0], scale[0], scale[1])
+  log_ratio = tf.random.stateless_uniform([], seeds[1], tf.math.log(ratio[0]), tf.math.log(ratio[1]))
+  aspect = tf.exp(log_ratio)
+  w = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+  h = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+  h, w = tf.minimum(h, shape[0]), tf.minimum(w, shape[1])
+  offsets = tf.random.stateless_uniform([2], seeds[2], 0.0, 1.0)
+  top = tf.cast(offsets[0] * tf.cast(shape[0] - h + 1, tf.float32), tf.int32)
+  left = tf.cast(offsets[1] * tf.cast(shape[1] - w + 1, tf.float32), tf.int32)
+  image = _resize(image[top:top + h, left:left + w], size, size)
+  flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
+  image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+  return normalize(image)
