@@ -1,0 +1,133 @@
+"""Local datasets in BLIP's annotation formats, as a TFDS builder (`blip_annotations`).
+
+Fine-tune on your own data by writing one JSON list per split in one of these formats
+(the originals' files for COCO / Flickr30k / VQAv2 / Visual Genome QA / NLVR2 use them):
+
+| task      | each entry                                                                  |
+|-----------|-----------------------------------------------------------------------------|
+| `caption` | `{"image": "rel/path.jpg", "caption": "text" or ["text", ...], "image_id": any}` |
+| `vqa`     | `{"image": ..., "question": ..., "question_id": int, "answer": [..] or "..", "dataset": "vqa" or "vg"}` |
+| `nlvr`    | `{"images": ["a.png", "b.png"], "sentence": ..., "label": true/false or "True"/"False"}` |
+
+Image paths are relative to `image_root`. VQA answers become (unique answer, weight) pairs with
+the originals' weights (each occurrence counts 1 / number of answers; Visual Genome's single
+answer has weight 1). A missing image or a malformed entry is an error naming the file and the
+entry's index, unless `skip_bad_examples`, which skips it and logs the count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+TASKS = ('caption', 'vqa', 'nlvr')
+REQUIRED = {'caption': ('image', 'caption'), 'vqa': ('image', 'question', 'question_id'),
+            'nlvr': ('images', 'sentence', 'label')}
+
+
+class AnnotationError(ValueError):
+  pass
+
+
+def read_annotations(path: str) -> list[dict[str, Any]]:
+  try:
+    with open(path) as f:
+      entries = json.load(f)
+  except FileNotFoundError:
+    raise AnnotationError(f'annotation file not found: {path}') from None
+  except json.JSONDecodeError as e:
+    raise AnnotationError(f'{path}: not valid JSON ({e})') from None
+  if not isinstance(entries, list):
+    raise AnnotationError(f'{path}: expected a JSON list of entries, got {type(entries).__name__}')
+  return entries
+
+
+def vqa_answer_weights(answers) -> tuple[list[str], list[float]]:
+  """Unique answers and their weights, as BLIP's vqa_dataset computes them."""
+  if isinstance(answers, str):
+    return [answers], [1.0]
+  weights: dict[str, float] = {}
+  for answer in answers:
+    weights[answer] = weights.get(answer, 0.0) + 1 / len(answers)
+  return list(weights), list(weights.values())
+
+
+def to_example(entry: dict, task: str, image_root: str) -> dict[str, Any]:
+  """One annotation entry -> the builder's feature dict (paths resolved, values normalised)."""
+  missing = [k for k in REQUIRED[task] if k not in entry]
+  if missing:
+    raise AnnotationError(f'missing keys {missing} (a {task} entry needs {list(REQUIRED[task])})')
+  paths = entry['images'] if task == 'nlvr' else [entry['image']]
+  paths = [os.path.join(image_root, p) for p in paths]
+  for p in paths:
+    if not os.path.isfile(p):
+      raise AnnotationError(f'image not found: {p}')
+  if task == 'caption':
+    captions = entry['caption'] if isinstance(entry['caption'], list) else [entry['caption']]
+    return {'image': paths[0], 'captions': captions, 'image_id': str(entry.get('image_id', entry['image']))}
+  if task == 'vqa':
+    answers, weights = vqa_answer_weights(entry.get('answer', []))
+    return {'image': paths[0], 'question': entry['question'], 'question_id': int(entry['question_id']),
+            'answers': answers, 'weights': np.asarray(weights, np.float32)}
+  label = entry['label']
+  if isinstance(label, str):
+    if label not in ('True', 'False'):
+      raise AnnotationError(f'label must be true/false or "True"/"False", got {label!r}')
+    label = label == 'True'
+  if len(paths) != 2:
+    raise AnnotationError(f'an nlvr entry needs exactly 2 images, got {len(paths)}')
+  return {'image0': paths[0], 'image1': paths[1], 'sentence': entry['sentence'], 'label': int(bool(label))}
+
+
+class BlipAnnotationsConfig(tfds.core.BuilderConfig):
+  def __init__(self, *, task: str, annotations: dict[str, str], image_root: str,
+               skip_bad_examples: bool = False, **kwargs):
+    if task not in TASKS:
+      raise ValueError(f'task must be one of {TASKS}, got {task!r}')
+    super().__init__(version=tfds.core.Version('1.0.0'), **kwargs)
+    self.task, self.annotations, self.image_root = task, dict(annotations), image_root
+    self.skip_bad_examples = skip_bad_examples
+
+
+class BlipAnnotations(tfds.core.GeneratorBasedBuilder):
+  """Image-text data on local disk in BLIP's annotation JSON formats."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    task = self.builder_config.task
+    features = {
+        'caption': {'image': tfds.features.Image(), 'captions': tfds.features.Sequence(tfds.features.Text()),
+                    'image_id': tfds.features.Text()},
+        'vqa': {'image': tfds.features.Image(), 'question': tfds.features.Text(), 'question_id': np.int64,
+                'answers': tfds.features.Sequence(tfds.features.Text()),
+                'weights': tfds.features.Sequence(np.float32)},
+        'nlvr': {'image0': tfds.features.Image(), 'image1': tfds.features.Image(),
+                 'sentence': tfds.features.Text(), 'label': np.int64},
+    }[task]
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features))
+
+  def _split_generators(self, dl_manager):
+    return {split: self._generate_examples(path) for split, path in self.builder_config.annotations.items()}
+
+  def _generate_examples(self, path):
+    cfg = self.builder_config
+    skipped = 0
+    for index, entry in enumerate(read_annotations(path)):
+      try:
+        if not isinstance(entry, dict):
+          raise AnnotationError(f'expected an object, got {type(entry).__name__}')
+        example = to_example(entry, cfg.task, cfg.image_root)
+      except (AnnotationError, TypeError, ValueError) as e:
+        if not cfg.skip_bad_examples:
+          raise AnnotationError(f'{path}, entry {index}: {e}') from None
+        skipped += 1
+        continue
+      yield index, example
+    if skipped:
+      logging.warning('%s: skipped %d bad entries (skip_bad_examples=True)', path, skipped)
