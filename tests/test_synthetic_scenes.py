@@ -54,3 +54,15 @@ def test_text_agrees_with_the_scene():
     text, label = ss.statement(objects, other, rng)
     if text.startswith('the left image has more'):
       assert label == (len(objects) > len(other))
+
+
+def test_vocabulary_written_with_the_dataset_covers_its_text(tiny):
+  from blip_jax.data.tokenizer import BlipTokenizer
+  tok = BlipTokenizer(ss.vocab_path(tiny))
+  unk = tok.tokenizer.convert_tokens_to_ids('[UNK]')
+  for split in ('train', 'test'):  # test-split words are covered through the character pieces
+    for ex in _examples(tiny, split):
+      texts = [t.decode() for t in [*ex['captions'], *ex['questions'], *ex['answers'], ex['statement']]]
+      ids, _ = tok.encode(texts, max_length=40)
+      assert unk not in ids, texts
+  assert tok.vocab_size == len(open(ss.vocab_path(tiny)).read().split()) + 2  # + [DEC], [ENC]

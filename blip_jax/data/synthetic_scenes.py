@@ -10,15 +10,23 @@ background, drawn deterministically from a seed, with:
     import tensorflow_datasets as tfds
     import blip_jax.data.synthetic_scenes  # registers the builder
     ds = tfds.load('synthetic_scenes/small', split='train', data_dir=...)
+
+Building also writes `vocab.txt` (a WordPiece vocabulary of the training split's text) next to
+the data; `vocab_path(builder)` finds it and `BlipTokenizer(vocab_path(builder))` tokenizes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
+
+from blip_jax.data.vocab import build_wordpiece_vocab
+
+VOCAB_FILE = 'vocab.txt'
 
 SHAPES = ('circle', 'square', 'triangle')
 COLORS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 220),
@@ -158,29 +166,46 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
+    # The vocabulary of everything the training split says, so the dataset is usable offline.
+    texts = [t for i in range(cfg.num_train) for t in scene_record(cfg.seed, 0, i)['texts']]
+    build_wordpiece_vocab(texts, os.path.join(self.data_dir, VOCAB_FILE))
     return {'train': self._generate_examples(cfg.num_train, offset=0),
             'validation': self._generate_examples(cfg.num_eval, offset=1_000_000),
             'test': self._generate_examples(cfg.num_eval, offset=2_000_000)}
 
   def _generate_examples(self, count: int, offset: int):
     cfg = self.builder_config
-    scene = lambda i: sample_scene(np.random.default_rng([cfg.seed, offset + i]))
     for i in range(count):
-      objects, background = scene(i)
-      pair_objects, pair_background = scene(i + 1)  # the next scene (one past the end for the last)
-      rng = np.random.default_rng([cfg.seed, offset + i, 1])
-      qa = questions(objects, rng)
-      text, label = statement(objects, pair_objects, rng)
+      r = scene_record(cfg.seed, offset, i)
       yield i, {
-          'image': draw(objects, background, cfg.resolution),
+          'image': draw(r['objects'], r['background'], cfg.resolution),
           'image_id': offset + i,
-          'captions': captions(objects, background, rng),
-          'questions': [q for q, _, _ in qa], 'answers': [a for _, a, _ in qa],
-          'question_types': [t for _, _, t in qa],
-          'num_objects': len(objects),
-          'pair_image': draw(pair_objects, pair_background, cfg.resolution),
-          'statement': text, 'label': int(label),
+          'captions': r['captions'],
+          'questions': [q for q, _, _ in r['qa']], 'answers': [a for _, a, _ in r['qa']],
+          'question_types': [t for _, _, t in r['qa']],
+          'num_objects': len(r['objects']),
+          'pair_image': draw(*r['pair'], cfg.resolution),
+          'statement': r['statement'], 'label': int(r['label']),
       }
+
+
+def scene_record(seed: int, offset: int, i: int) -> dict:
+  """Everything about scene `i` of a split, from its seeds alone (no image drawn)."""
+  scene = lambda j: sample_scene(np.random.default_rng([seed, offset + j]))
+  objects, background = scene(i)
+  pair = scene(i + 1)  # the next scene (one past the end for the last)
+  rng = np.random.default_rng([seed, offset + i, 1])
+  qa = questions(objects, rng)
+  text, label = statement(objects, pair[0], rng)
+  caps = captions(objects, background, rng)
+  return {'objects': objects, 'background': background, 'pair': pair, 'qa': qa, 'statement': text,
+          'label': label, 'captions': caps,
+          'texts': caps + [q for q, _, _ in qa] + [a for _, a, _ in qa] + [text]}
+
+
+def vocab_path(builder: SyntheticScenes) -> str:
+  """The WordPiece vocabulary written with the dataset (for `BlipTokenizer`)."""
+  return os.path.join(builder.data_dir, VOCAB_FILE)
 
 
 def sample_grid(examples, columns: int = 4, cell: int = 160) -> Image.Image:
