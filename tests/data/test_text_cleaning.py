@@ -1,4 +1,4 @@
-"""More of salesforce/BLIP's cleaning quirks (data/utils.py), beside tests/test_text.py.
+"""salesforce/BLIP's caption / question cleaning quirks (data/utils.py).
 
 The original functions, in words:
   pre_caption(c, max_words=50):  c = re.sub('[.!"()*#:;~]', ' ', c.lower());
@@ -42,6 +42,20 @@ CAPTIONS = [
     ('a\u00a0\u00a0b', 'a b'),
     # ... but a single one is kept
     ('a\u00a0b', 'a\u00a0b'),
+    # lowercase; '.' becomes a space and the trailing space is stripped
+    ('A Dog on the Beach.', 'a dog on the beach'),
+    # each listed character becomes a space; the resulting double spaces collapse to one
+    ('a "red" (small) car!', 'a red small car'),
+    # characters not in the list (comma, apostrophe, hyphen, ?) are kept
+    ("a man's half-eaten pizza, right?", "a man's half-eaten pizza, right?"),
+    # a single tab or newline is not collapsed (only runs of 2+ whitespace are)
+    ('two\tcats', 'two\tcats'),
+    ('two \tcats', 'two cats'),
+    # leading and trailing spaces go; trailing newlines go before the space strip
+    ('  a cat on a mat \n', 'a cat on a mat'),
+    # '#', '*', ':', ';', '~' too
+    ('#1: a*b;c~d', '1 a b c d'),
+    ('', ''),
 ]
 
 
@@ -75,6 +89,11 @@ QUESTIONS = [
     # 'hmm ok ' after deleting the dots, then the trailing space goes
     ('Hmm... ok .', 'hmm ok'),
     ('Q: A; B~', 'q a b'),
+    # characters are deleted, not replaced: "what's" keeps its apostrophe, '?' is not in the list
+    ('What color is the "bus"?', 'what color is the bus?'),
+    # only trailing spaces are stripped; leading ones and inner runs stay
+    ('  is it (really) red.  ', '  is it really red'),
+    ('How many: dogs;', 'how many dogs'),
 ]
 
 
@@ -90,3 +109,15 @@ def test_pre_question_truncation_keeps_empty_words():
   # leading spaces are words too: ['', '', 'a', 'b'] -> '' + ' ' + '' = ' '
   assert pre_question('  a b', 2) == ' '
   assert pre_question('a b c', 3) == 'a b c'
+
+
+def test_pre_caption_truncates_words():
+  assert pre_caption('one two three four', max_words=3) == 'one two three'
+  assert pre_caption('one two three', max_words=3) == 'one two three'
+  # punctuation turned to spaces is collapsed before counting words
+  assert pre_caption('one. two. three. four.', max_words=2) == 'one two'
+
+
+def test_pre_question_truncates_on_single_spaces():
+  # a double space makes an empty "word", which counts
+  assert pre_question('a  b c d', max_words=3) == 'a  b'
