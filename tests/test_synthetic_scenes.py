@@ -52,8 +52,26 @@ def test_text_agrees_with_the_scene():
     assert not any(('striped' in c) != background['striped'] for c in caption if 'background' in c)
     other, _ = ss.sample_scene(np.random.default_rng([1, seed]))
     text, label = ss.statement(objects, other, rng)
-    if text.startswith('the left image has more'):
-      assert label == (len(objects) > len(other))
+    assert label == _truth(text, objects, other), text
+
+
+def _truth(text, left, right):
+  """The statement's truth, worked out here from the scenes rather than by the generator."""
+  words = text.split()
+  if 'more objects' in text:
+    first, second = (left, right) if words[1] == 'left' else (right, left)
+    return len(first) > len(second)
+  color, shape = words[-2], words[-1]
+  counts = [any(o.color == color and o.shape == shape for o in scene) for scene in (left, right)]
+  return all(counts) if text.startswith('both') else sum(counts) == 1
+
+
+def test_statements_are_balanced():
+  records = [ss.scene_record(0, 0, i) for i in range(600)]
+  assert 0.4 < np.mean([r['label'] for r in records]) < 0.6
+  for kind in ('more objects', 'exactly one'):  # 'both' is rarely true of two random scenes
+    labels = [r['label'] for r in records if kind in r['statement']]
+    assert 0.3 < np.mean(labels) < 0.7, kind
 
 
 def test_vocabulary_written_with_the_dataset_covers_its_text(tiny):

@@ -118,15 +118,25 @@ def questions(objects, rng: np.random.Generator) -> list[tuple[str, str, str]]:
 
 
 def statement(left, right, rng: np.random.Generator) -> tuple[str, bool]:
-  """An NLVR2-style statement about two scenes and whether it is true."""
-  kind = int(rng.integers(3))
-  if kind == 0:
-    return 'the left image has more objects than the right image', len(left) > len(right)
-  probe = (left + right)[int(rng.integers(len(left) + len(right)))]
-  has = lambda scene: any(o.color == probe.color and o.shape == probe.shape for o in scene)
-  if kind == 1:
-    return f'both images contain a {probe.color} {probe.shape}', has(left) and has(right)
-  return f'exactly one image contains a {probe.color} {probe.shape}', has(left) != has(right)
+  """An NLVR2-style statement about two scenes and whether it is true.
+
+  The label is drawn first (true half the time), then a form among those that can have that
+  label, then a statement of that form with it, so labels are balanced and the wording gives
+  them away as little as the scenes allow.
+  """
+  want = bool(rng.random() < 0.5)
+  has = lambda scene, color, shape: any(o.color == color and o.shape == shape for o in scene)
+  pairs = [(c, s) for c in COLORS for s in SHAPES]
+  forms = [
+      [(f'the {a} image has more objects than the {b} image', len(x) > len(y))
+       for a, x, b, y in (('left', left, 'right', right), ('right', right, 'left', left))],
+      [(f'both images contain a {c} {s}', has(left, c, s) and has(right, c, s)) for c, s in pairs],
+      [(f'exactly one image contains a {c} {s}', has(left, c, s) != has(right, c, s)) for c, s in pairs],
+  ]
+  forms = [[o for o in form if o[1] == want] for form in forms]
+  forms = [form for form in forms if form]
+  form = forms[int(rng.integers(len(forms)))]
+  return form[int(rng.integers(len(form)))]
 
 
 class SyntheticScenesConfig(tfds.core.BuilderConfig):
