@@ -14,8 +14,9 @@ from blip_jax.convert import clip as _clip
 from blip_jax.convert import opt as _opt
 from blip_jax.convert.readers import Checkpoint, read_checkpoint, read_checkpoints
 from blip_jax.convert.tree import ConversionError, Report
+from blip_jax.models import blip as _blip_models
 
-BLIP_TASKS = ('feature_extractor', 'retrieval', 'caption', 'vqa', 'nlvr', 'pretrain')
+BLIP_TASKS = tuple(_blip_models.TASKS)
 TASKS = BLIP_TASKS + ('clip', 'blip2', 'opt')
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from blip_jax.convert.readers import Checkpoint
 from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
-                                   count_indexed, materialise_initial_values, renamer,
+                                   count_indexed, materialise_initial_values, merge_overrides, renamer,
                                    resize_vit_pos_embed)
 from blip_jax.models import blip as blip_models
 from blip_jax.models.bert import BertConfig
@@ -125,15 +125,10 @@ def infer_config(tensors, hf_config, task, overrides) -> blip_models.BlipConfig:
         extra[ours] = tc[theirs]
     if 'image_text_hidden_size' in hf_config and 'embed_dim' not in extra:
       extra['embed_dim'] = hf_config['image_text_hidden_size']
-  for name in ('act',):  # HF spells exact GELU 'gelu'
-    for d in (vision, text):
-      if d.get(name) not in (None, 'gelu', 'quick_gelu', 'relu'):
-        raise ConversionError(f'unsupported activation {d[name]!r}')
-  overrides = dict(overrides)
-  vision.update(overrides.pop('vision', {}) or {})
-  if 'image_size' in overrides:
-    vision['image_size'] = overrides.pop('image_size')
-  text.update(overrides.pop('text', {}) or {})
+  for d in (vision, text):  # HF spells exact GELU 'gelu', as we do
+    if d.get('act') not in (None, 'gelu', 'quick_gelu', 'relu'):
+      raise ConversionError(f"unsupported activation {d['act']!r}")
+  overrides = merge_overrides(overrides, vision, text=text)
   text['encoder_width'] = vision['width']
   try:
     return blip_models.BlipConfig(vision=ViTConfig(**vision), text=BertConfig(**text),

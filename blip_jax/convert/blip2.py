@@ -19,7 +19,7 @@ from blip_jax.convert.opt import infer_config as opt_infer_config
 from blip_jax.convert.opt import tie_lm_head as tie_opt_lm_head
 from blip_jax.convert.readers import Checkpoint
 from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
-                                   count_indexed, materialise_initial_values, renamer,
+                                   count_indexed, materialise_initial_values, merge_overrides, renamer,
                                    resize_vit_pos_embed)
 from blip_jax.models import blip2 as blip2_models
 from blip_jax.models.qformer import QFormerConfig
@@ -114,11 +114,7 @@ def infer_config(t, hf_config, bare_vit: bool, clip_vit: bool, overrides) -> bli
       qformer[ours] = qc[theirs]
   if 'layer_norm_eps' in vc:
     extra['ln_vision_eps'] = vc['layer_norm_eps']  # HF's post_layernorm shares the layers' eps
-  overrides = dict(overrides)
-  vision.update(overrides.pop('vision', {}) or {})
-  if 'image_size' in overrides:
-    vision['image_size'] = overrides.pop('image_size')
-  qformer.update(overrides.pop('qformer', {}) or {})
+  overrides = merge_overrides(overrides, vision, qformer=qformer)
   if 'opt_proj.weight' in t:
     if 'opt_model.model.decoder.embed_tokens.weight' not in t:
       raise ConversionError('a BLIP-2 OPT checkpoint without the OPT weights: LAVIS files omit the '

@@ -14,7 +14,7 @@ import numpy as np
 
 from blip_jax.convert.readers import Checkpoint, TensorStore
 from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
-                                   count_indexed, materialise_initial_values, renamer,
+                                   count_indexed, materialise_initial_values, merge_overrides, renamer,
                                    resize_vit_pos_embed)
 from blip_jax.models import clip as clip_models
 from blip_jax.models.bert import BertConfig
@@ -147,11 +147,7 @@ def infer_config(t, layout, hf_config, act, overrides):
   for d in (vision, text):
     if d['act'] not in ('gelu', 'quick_gelu'):
       raise ConversionError(f"unsupported CLIP activation {d['act']!r}")
-  overrides = dict(overrides)
-  vision.update(overrides.pop('vision', {}) or {})
-  if 'image_size' in overrides:
-    vision['image_size'] = overrides.pop('image_size')
-  text.update(overrides.pop('text', {}) or {})
+  overrides = merge_overrides(overrides, vision, text=text)
   text_cls = BertConfig if chinese else clip_models.CLIPTextConfig
   config_cls = clip_models.ChineseCLIPConfig if chinese else clip_models.CLIPConfig
   try:

@@ -128,6 +128,18 @@ def renamer(renames):
   return rename
 
 
+def merge_overrides(overrides: dict, vision: dict, **towers: dict) -> dict:
+  """Apply user overrides to inferred config dicts in place: `vision={...}` and `image_size=`
+  to `vision`, `text={...}` (or `qformer=` ...) to the named tower. Returns the rest."""
+  rest = dict(overrides)
+  vision.update(rest.pop('vision', None) or {})
+  if 'image_size' in rest:
+    vision['image_size'] = rest.pop('image_size')
+  for name, tower in towers.items():
+    tower.update(rest.pop(name, None) or {})
+  return rest
+
+
 def count_indexed(keys, pattern: str) -> int:
   """Number of layers: 1 + the largest index captured by `pattern` among `keys` (0 if none)."""
   idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
