@@ -141,17 +141,18 @@ def statement(left, right, rng: np.random.Generator) -> tuple[str, bool]:
 
 class SyntheticScenesConfig(tfds.core.BuilderConfig):
   def __init__(self, *, num_train: int, num_eval: int, resolution: int, seed: int = 0, **kwargs):
-    super().__init__(version=tfds.core.Version('1.0.0'), **kwargs)
+    super().__init__(version=tfds.core.Version('1.1.0'), **kwargs)
     self.num_train, self.num_eval, self.resolution, self.seed = num_train, num_eval, resolution, seed
 
 
 class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
   """Procedural scenes with captions, VQA and NLVR2-style statements (no download)."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.1.0': 'small: 2000 / 200 / 200 scenes (200 validation images for retrieval R@k)'}
   BUILDER_CONFIGS = [
-      SyntheticScenesConfig(name='small', description='400 train / 50 val / 50 test scenes at 64 px',
-                            num_train=400, num_eval=50, resolution=64),
+      SyntheticScenesConfig(name='small', description='2000 train / 200 val / 200 test scenes at 64 px',
+                            num_train=2000, num_eval=200, resolution=64),
       SyntheticScenesConfig(name='tiny', description='16 / 8 / 8 scenes at 32 px, for tests',
                             num_train=16, num_eval=8, resolution=32),
       SyntheticScenesConfig(name='large', description='20000 / 1000 / 1000 scenes at 128 px',
