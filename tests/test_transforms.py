@@ -60,9 +60,63 @@ def test_blip_train_is_deterministic_and_covers_the_image_at_full_scale(image):
   # With the whole image as the only possible crop, the output is the squash resize or its mirror.
   h, w = image.shape[:2]
   full = T.blip_eval(image, 64).numpy()
-  outs = [T.blip_train(image, 64, tf.constant([s, 0]), scale=(1.0, 1.0), ratio=(w / h, w / h)).numpy()
+  outs = [T.blip_train(image, 64, tf.constant([s, 0]), scale=(1.0, 1.0), ratio=(w / h, w / h),
+                          randaugment_ops=0).numpy()
           for s in range(8)]
   for out in outs:
     assert np.allclose(out, full, atol=1e-4) or np.allclose(out, full[:, ::-1], atol=1e-4)
   assert any(np.allclose(o, full[:, ::-1], atol=1e-4) for o in outs)  # flips happen
   assert any(np.allclose(o, full, atol=1e-4) for o in outs)
+
+
+# ------------------------------------------------------------------------------ RandAugment
+
+from PIL import ImageOps  # noqa: E402
+
+from blip_jax.data import randaugment as RA  # noqa: E402
+
+
+def _scene(seed=0, size=24):
+  rng = np.random.default_rng(seed)
+  img = rng.integers(40, 200, (size, size, 3), dtype=np.uint8)
+  img[4:12, 6:18] = (250, 20, 90)
+  return img
+
+
+def test_autocontrast_and_equalize_match_pil():
+  img = _scene()
+  auto = RA.apply_op(tf.constant(img), 'AutoContrast').numpy()
+  np.testing.assert_allclose(auto, np.asarray(ImageOps.autocontrast(Image.fromarray(img))), atol=1)
+  eq = RA.apply_op(tf.constant(img), 'Equalize').numpy()
+  np.testing.assert_array_equal(eq, np.asarray(ImageOps.equalize(Image.fromarray(img))))
+
+
+def test_geometric_ops_follow_their_definitions():
+  img = _scene(1)
+  # TranslateX by +5 px (magnitude 5 of 10 -> 5 px): content moves left by 5, grey fills the right.
+  moved = RA.apply_op(tf.constant(img), 'TranslateX', 5.0, 1.0).numpy()
+  np.testing.assert_array_equal(moved[:, :-5], img[:, 5:])
+  assert (moved[:, -5:] == 128).all()
+  down = RA.apply_op(tf.constant(img), 'TranslateY', 5.0, -1.0).numpy()
+  np.testing.assert_array_equal(down[5:], img[:-5])
+  # ShearX 0.15: output (x, y) reads input (x - 0.15 y, y); row 0 is unchanged.
+  sheared = RA.apply_op(tf.constant(img), 'ShearX', 5.0, 1.0).numpy()
+  np.testing.assert_array_equal(sheared[0], img[0])
+  # Rotating by 15 degrees keeps the centre pixel and fills the corners with grey.
+  rot = RA.apply_op(tf.constant(img), 'Rotate', 5.0, 1.0).numpy()
+  assert (rot[0, 0] == 128).all() and np.abs(rot[12, 12].astype(int) - img[12, 12]).max() <= 40
+  # At magnitude 5, Brightness and Sharpness have factor 1.0: no change (as in the originals).
+  for name in ('Brightness', 'Sharpness', 'Identity'):
+    np.testing.assert_array_equal(RA.apply_op(tf.constant(img), name).numpy(), img)
+  np.testing.assert_array_equal(RA.apply_op(tf.constant(img), 'Brightness', 0.0).numpy(),
+                                (img * 0.1).astype(np.uint8))
+
+
+def test_randaugment_is_seeded_and_applies_about_one_op_per_image():
+  img = tf.constant(_scene(2))
+  out = [RA.randaugment(img, tf.constant([0, s], tf.int64)).numpy() for s in range(60)]
+  again = [RA.randaugment(img, tf.constant([0, s], tf.int64)).numpy() for s in range(5)]
+  assert all(np.array_equal(a, b) for a, b in zip(out, again))
+  unchanged = np.mean([np.array_equal(o, img.numpy()) for o in out])
+  # P(unchanged) = P(no op applied or only identity-like ops) = (1/2 + 1/2 * 3/10) ** 2 = 0.42.
+  assert 0.25 < unchanged < 0.6 and all(o.dtype == np.uint8 and o.shape == (24, 24, 3) for o in out)

@@ -2,8 +2,8 @@
 
 - `blip_eval`: squash-resize to S x S (bicubic, no crop), then normalise (BLIP / BLIP-2 eval);
 - `clip_eval`: resize the shorter side to S (bicubic), centre-crop S x S, normalise (CLIP);
-- `blip_train`: RandomResizedCrop(S, scale=(0.5, 1.0), bicubic) and a horizontal flip, then
-  normalise. (RandAugment is not applied yet.)
+- `blip_train`: RandomResizedCrop(S, scale=(0.5, 1.0), bicubic), a horizontal flip and
+  RandAugment (2 ops, magnitude 5, the originals' op list: `randaugment.py`), then normalise.
 
 Inputs are uint8 HWC images; outputs float32 HWC, normalised with the CLIP/BLIP mean and std.
 Resizing uses antialiased bicubic filtering, like PIL's, so downscaled images match the
@@ -13,6 +13,8 @@ originals' torchvision/PIL pipelines closely (see tests/test_transforms.py for t
 from __future__ import annotations
 
 import tensorflow as tf
+
+from blip_jax.data.randaugment import randaugment
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,12 +49,14 @@ def clip_eval(image, size: int):
   return normalize(image[top:top + size, left:left + size])
 
 
-def blip_train(image, size: int, seed, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+def blip_train(image, size: int, seed, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True,
+               randaugment_ops: int = 2):
   """A random crop covering `scale` of the area with aspect ratio in `ratio`, resized to S x S,
-  flipped with probability 1/2; `seed` is a stateless [2] int seed (deterministic pipelines)."""
+  flipped with probability 1/2, then RandAugment on the uint8 image (as the originals apply it to
+  the PIL image); `seed` is a stateless [2] int seed (deterministic pipelines)."""
   shape = tf.shape(image)
   area = tf.cast(shape[0] * shape[1], tf.float32)
-  seeds = tf.random.experimental.stateless_split(seed, 4)
+  seeds = tf.random.experimental.stateless_split(seed, 5)
   target_area = area * tf.random.stateless_uniform([], seeds[0], scale[0], scale[1])
   log_ratio = tf.random.stateless_uniform([], seeds[1], tf.math.log(ratio[0]), tf.math.log(ratio[1]))
   aspect = tf.exp(log_ratio)
@@ -63,6 +67,23 @@ def blip_train(image, size: int, seed, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
   top = tf.cast(offsets[0] * tf.cast(shape[0] - h + 1, tf.float32), tf.int32)
   left = tf.cast(offsets[1] * tf.cast(shape[1] - w + 1, tf.float32), tf.int32)
   image = _resize(image[top:top + h, left:left + w], size, size)
-  flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
-  image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+  if flip:
+    flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
+    image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+  if randaugment_ops:
+    image = randaugment(tf.cast(tf.round(image * 255.0), tf.uint8), seeds[4], randaugment_ops)
   return normalize(image)
+
+
+def image_function(kind: str, size: int, **train_options):
+  """A numpy callable `(uint8 HWC image, int seed [2]) -> float32 S x S x 3` for the loaders:
+  `kind` is 'blip_train', 'blip_eval' or 'clip_eval' (the eval ones ignore the seed);
+  `train_options` go to `blip_train` (scale, flip, randaugment_ops)."""
+  if kind not in ('blip_train', 'blip_eval', 'clip_eval'):
+    raise ValueError(f"image transform must be 'blip_train', 'blip_eval' or 'clip_eval', got {kind!r}")
+  transform = {'blip_train': lambda im, seed: blip_train(im, size, seed, **train_options),
+               'blip_eval': lambda im, seed: blip_eval(im, size),
+               'clip_eval': lambda im, seed: clip_eval(im, size)}[kind]
+  fn = tf.function(transform, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8),
+                                               tf.TensorSpec([2], tf.int64)])
+  return lambda image, seed: fn(image, tf.constant(seed, tf.int64)).numpy()
