@@ -1,0 +1,120 @@
+"""BatchLoader: deterministic order, exactly-once over processes, resumable; task example tables."""
+
+import numpy as np
+import pytest
+
+from blip_jax.data import examples as ex
+from blip_jax.data import synthetic_scenes as ss
+from blip_jax.data.loader import BatchLoader
+from blip_jax.data.tokenizer import BlipTokenizer
+from blip_jax.data.transforms import image_function
+
+
+class ArraySource:
+  """A random-access source like `builder.as_data_source`: record i holds an image filled with i."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitems__(self, rows):
+    return [{'image': np.full((4, 4, 3), r, np.uint8)} for r in rows]
+
+
+def _table(n):
+  return ex.Examples(np.arange(n)[:, None], ('image',), {'id': np.arange(n)})
+
+
+def _loader(n=50, batch=8, **kw):
+  return BatchLoader(_table(n), ArraySource(n), lambda im, seed: im[..., 0].astype(np.float32), batch, **kw)
+
+
+def test_two_processes_see_every_example_once_per_epoch():
+  seen = []
+  for p in range(2):
+    loader = _loader(process_index=p, process_count=2)
+    for step in range(2 * loader.steps_per_epoch):  # two epochs
+      b = loader.load(step)
+      assert b['image'].shape == (4, 4, 4) and (b['image'][:, 0, 0] == b['id']).all()
+      seen.append((step // loader.steps_per_epoch, step, p, b['id']))
+  for epoch in (0, 1):
+    ids = np.concatenate([i for e, _, _, i in seen if e == epoch])
+    assert len(ids) == len(set(ids.tolist())) == 6 * 8  # 50 // 8 full batches, no repeats
+  # The two processes split each global batch; together they are the 1-process batch.
+  single = _loader(process_index=0, process_count=1)
+  both = {(s, p): i for _, s, p, i in seen}
+  assert all((np.concatenate([both[s, 0], both[s, 1]]) == single.load(s)['id']).all() for s in range(12))
+  # Epochs are shuffled differently.
+  assert not (single.load(0)['id'] == single.load(single.steps_per_epoch)['id']).all()
+
+
+def test_same_seed_same_batches_and_resume_continues_with_the_next_batch():
+  straight = [b['id'] for b in _loader(seed=3).iterate(0, 10)]
+  assert all((a == b['id']).all() for a, b in zip(straight, _loader(seed=3).iterate(0, 10)))
+  assert not all((a == b['id']).all() for a, b in zip(straight, _loader(seed=4).iterate(0, 10)))
+  loader = _loader(seed=3)
+  state = loader.state(7)  # as checkpointed after 7 steps
+  resumed = [b['id'] for b in _loader(seed=3).iterate(state['step'], 3)]
+  assert all((a == b).all() for a, b in zip(straight[7:], resumed)) and len(resumed) == 3
+
+
+def test_eval_pads_the_last_batch_and_marks_it_invalid():
+  loader = _loader(n=10, batch=4, shuffle=False, drop_remainder=False)
+  batches = list(loader.epoch())
+  assert len(batches) == 3
+  valid = np.concatenate([b['valid'] for b in batches])
+  ids = np.concatenate([b['id'] for b in batches])
+  assert valid.sum() == 10 and (ids[valid] == np.arange(10)).all()
+
+
+def test_batch_not_divisible_by_processes_is_an_error():
+  with pytest.raises(ValueError, match='global batch 9 is not divisible by the 2 processes'):
+    _loader(batch=9, process_index=0, process_count=2)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  builder = ss.SyntheticScenes(config='tiny', data_dir=str(tmp_path_factory.mktemp('tfds')), file_format='array_record')
+  builder.download_and_prepare()
+  return builder, BlipTokenizer(ss.vocab_path(builder)), ex.read_text_fields(builder, 'train')
+
+
+def test_task_tables_shapes_dtypes_and_ranges(tiny):
+  builder, tok, records = tiny
+  vocab = tok.vocab_size
+  pairs = ex.pairs('synthetic_scenes', records, tok, 16, prompt='a picture of ')
+  assert len(pairs) == 5 * len(records) and pairs.columns['text_ids'].shape == (80, 16)
+  assert pairs.columns['text_ids'].dtype == np.int32 and 0 <= pairs.columns['text_ids'].min()
+  assert pairs.columns['text_ids'].max() < vocab and set(np.unique(pairs.columns['text_mask'])) == {0, 1}
+  # Captions of one image share its id; the image record is the caption's record.
+  assert (pairs.columns['image_id'] == pairs.records[:, 0]).all()
+  assert tok.decode(pairs.columns['text_ids'][:1])[0].startswith('a picture of ')
+  vqa = ex.vqa('synthetic_scenes', records, tok, 16, 6, num_answers=3)
+  assert vqa.columns['answer_ids'].shape == (len(vqa), 3, 6)
+  assert (vqa.columns['weights'][:, 0] == 1).all() and (vqa.columns['weights'][:, 1:] == 0).all()
+  assert (vqa.columns['answer_ids'][:, 0, 0] == tok.bos_token_id).all()
+  nlvr = ex.nlvr('synthetic_scenes', records, tok, 16)
+  assert nlvr.image_keys == ('image', 'pair_image') and set(np.unique(nlvr.columns['label'])) <= {0, 1}
+  index = ex.retrieval_index('synthetic_scenes', records, tok, 16)
+  assert len(index.texts) == 5 * len(records)
+  assert all((index.txt2img[t] == i).all() for i, t in enumerate(index.img2txt))
+
+
+def test_augmented_batches_are_reproducible_and_in_range(tiny):
+  builder, tok, records = tiny
+  pairs = ex.pairs('synthetic_scenes', records, tok, 16)
+  source = builder.as_data_source('train')
+  make = lambda: BatchLoader(pairs, source, image_function('blip_train', 24), 8, seed=1)
+  a, b = make().load(3), make().load(3)
+  assert a['image'].shape == (8, 24, 24, 3) and a['image'].dtype == np.float32
+  np.testing.assert_array_equal(a['image'], b['image'])
+  assert -2.0 < a['image'].min() and a['image'].max() < 2.3  # CLIP-normalized [0, 1] pixels
+  # Another epoch augments the same example differently.
+  loader = make()
+  row = loader.indices(0)[0]
+  later = next(s for s in range(loader.steps_per_epoch, 2 * loader.steps_per_epoch) if row in loader.indices(s))
+  first = loader.load(0)['image'][0]
+  again = loader.load(later)['image'][list(loader.indices(later)).index(row)]
+  assert not np.allclose(first, again)
