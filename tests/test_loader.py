@@ -118,3 +118,22 @@ def test_augmented_batches_are_reproducible_and_in_range(tiny):
   first = loader.load(0)['image'][0]
   again = loader.load(later)['image'][list(loader.indices(later)).index(row)]
   assert not np.allclose(first, again)
+
+
+def test_coco_captions_catalog_adapter_on_mock_data(tiny):
+  import tensorflow_datasets as tfds
+  _, tok, _ = tiny
+  with tfds.testing.mock_data(num_examples=3):
+    builder = tfds.builder('coco_captions')
+    records = list(tfds.as_numpy(builder.as_dataset(split='train')))
+  captions = [[t.decode() for t in r['captions']['text']] for r in records]
+  pairs = ex.pairs('coco_captions', records, tok, 12)
+  assert len(pairs) == sum(map(len, captions))
+  # Every caption row points at its record, and rows of one record share its image id.
+  owner = np.repeat(np.arange(3), [len(c) for c in captions])
+  assert (pairs.records[:, 0] == owner).all()
+  ids = pairs.columns['image_id']
+  assert all(len(set(ids[owner == r].tolist())) == 1 for r in range(3))
+  index = ex.retrieval_index('coco_captions', records, tok, 12)
+  assert index.texts == [ex.pre_caption(c) for caps in captions for c in caps]
+  assert (index.txt2img == owner).all()

@@ -5,8 +5,7 @@ write a PNG grid of sample images with their first captions.
 twice.)
 """
 
-import tensorflow_datasets as tfds
-
+from blip_jax.data.datasets import FILE_FORMAT
 from blip_jax.data.synthetic_scenes import SyntheticScenes, sample_grid
 
 
@@ -18,10 +17,10 @@ def main(argv=None):
   parser.add_argument('--data_dir', default=None, help='TFDS data directory (default: ~/tensorflow_datasets)')
   parser.add_argument('--count', type=int, default=12)
   args = parser.parse_args(argv)
-  builder = SyntheticScenes(config=args.config, data_dir=args.data_dir)
+  builder = SyntheticScenes(config=args.config, data_dir=args.data_dir, file_format=FILE_FORMAT)
   builder.download_and_prepare()
-  ds = builder.as_dataset(split='train', shuffle_files=False).take(args.count)
-  sample_grid(list(tfds.as_numpy(ds))).save(args.out)
+  source = builder.as_data_source('train')
+  sample_grid(source.__getitems__(list(range(args.count)))).save(args.out)
   print(f'wrote {args.out} ({args.count} {args.config} scenes from {builder.data_dir})')
 
 
