@@ -1,0 +1,123 @@
+"""Caption metrics with the definitions of pycocoevalcap (the COCO caption evaluation).
+
+- BLEU-1..4: corpus-level, clipped n-gram precision, brevity penalty against the reference
+  length closest to each candidate's (pycocoevalcap's `option='closest'`);
+- ROUGE-L: longest common subsequence F-score (beta 1.2) from the best precision and the best
+  recall over the references, averaged over images;
+- CIDEr-D: tf-idf n-gram vectors (n = 1..4, document frequencies over the evaluated images'
+  references), clipped cosine, Gaussian length penalty (sigma 6), x 10.
+
+Captions are compared as lowercase words with punctuation removed (what pycocoevalcap's PTB
+tokenizer leaves of already-cleaned captions; the Java tokenizer itself is not needed).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+
+_PUNCT = re.compile(r"[^\w\s']")
+
+
+def words(text: str) -> list[str]:
+  return _PUNCT.sub(' ', text.lower()).split()
+
+
+def ngrams(tokens: list[str], n: int = 4) -> collections.Counter:
+  return collections.Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+
+
+def bleu(candidates: list[str], references: list[list[str]], n: int = 4) -> list[float]:
+  """Corpus BLEU-1..n of `candidates[i]` against `references[i]`."""
+  tiny, small = 1e-15, 1e-9
+  test_len = ref_len = 0
+  guess, correct = [0] * n, [0] * n
+  for cand, refs in zip(candidates, references):
+    c = words(cand)
+    ref_tokens = [words(r) for r in refs]
+    max_counts = collections.Counter()
+    for r in ref_tokens:
+      max_counts |= ngrams(r, n)
+    lengths = [len(r) for r in ref_tokens]
+    ref_len += min(lengths, key=lambda length: (abs(length - len(c)), length))
+    test_len += len(c)
+    for gram, count in ngrams(c, n).items():
+      correct[len(gram) - 1] += min(count, max_counts[gram])
+    for k in range(n):
+      guess[k] += max(len(c) - k, 0)
+  scores, product = [], 1.0
+  for k in range(n):
+    product *= (correct[k] + tiny) / (guess[k] + small)
+    scores.append(product ** (1.0 / (k + 1)))
+  ratio = (test_len + tiny) / (ref_len + small)
+  if ratio < 1:
+    scores = [s * math.exp(1 - 1 / ratio) for s in scores]
+  return scores
+
+
+def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0) -> float:
+  """CIDEr-D of the candidates (mean over images)."""
+  refs = [[ngrams(words(r), n) for r in rs] for rs in references]
+  df = collections.Counter()
+  for image_refs in refs:
+    df.update(set(g for r in image_refs for g in r))
+  log_images = math.log(float(len(refs)))
+
+  def vector(counts):
+    vec = [dict() for _ in range(n)]
+    norm = [0.0] * n
+    for gram, tf in counts.items():
+      k = len(gram) - 1
+      vec[k][gram] = float(tf) * (log_images - math.log(max(1.0, df[gram])))
+      norm[k] += vec[k][gram] ** 2
+    length = sum(tf for gram, tf in counts.items() if len(gram) == 1)
+    return vec, [math.sqrt(x) for x in norm], length
+
+  def sim(hyp, ref):
+    (vh, nh, lh), (vr, nr, lr) = hyp, ref
+    val = [0.0] * n
+    for k in range(n):
+      for gram in vh[k]:
+        val[k] += min(vh[k][gram], vr[k].get(gram, 0.0)) * vr[k].get(gram, 0.0)
+      if nh[k] != 0 and nr[k] != 0:
+        val[k] /= nh[k] * nr[k]
+      val[k] *= math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
+    return val
+
+  total = 0.0
+  for cand, image_refs in zip(candidates, refs):
+    hyp = vector(ngrams(words(cand), n))
+    score = [0.0] * n
+    for r in image_refs:
+      score = [a + b for a, b in zip(score, sim(hyp, vector(r)))]
+    total += sum(score) / n / len(image_refs) * 10.0
+  return total / len(candidates)
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+  row = [0] * (len(b) + 1)
+  for x in a:
+    prev = 0
+    for j, y in enumerate(b):
+      prev, row[j + 1] = row[j + 1], prev + 1 if x == y else max(row[j + 1], row[j])
+  return row[-1]
+
+
+def rouge_l(candidates: list[str], references: list[list[str]], beta: float = 1.2) -> float:
+  total = 0.0
+  for cand, refs in zip(candidates, references):
+    c = words(cand)
+    lcs = [(_lcs(words(r), c), len(words(r))) for r in refs]
+    precision = max(n / len(c) for n, _ in lcs) if c else 0.0
+    recall = max(n / length for n, length in lcs)
+    if precision and recall:
+      total += (1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision)
+  return total / len(candidates)
+
+
+def caption_metrics(candidates: list[str], references: list[list[str]]) -> dict[str, float]:
+  """BLEU-1..4, ROUGE-L and CIDEr-D, in percent as the papers report them."""
+  b = bleu(candidates, references)
+  return {**{f'bleu{k + 1}': 100 * v for k, v in enumerate(b)}, 'rouge_l': 100 * rouge_l(candidates, references),
+          'cider': 100 * cider_d(candidates, references)}
