@@ -28,11 +28,13 @@ def builder(data) -> tfds.core.DatasetBuilder:
     config = name.split('/')[1] if '/' in name else 'small'
     b = synthetic_scenes.SyntheticScenes(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
   elif name == 'blip_annotations':
-    missing = [k for k in ('task', 'annotations', 'image_root') if not data.get(k)]
+    files = {split: path for split, path in dict(data.get('annotations') or {}).items() if path}
+    missing = [k for k, v in (('task', data.get('task')), ('annotations', files), ('image_root', data.get('image_root')))
+               if not v]
     if missing:
       raise ValueError(f'data.name=blip_annotations needs data.{", data.".join(missing)}')
     cfg = annotations.BlipAnnotationsConfig(
-        name=data.get('config_name', 'custom'), task=data['task'], annotations=dict(data['annotations']),
+        name=data.get('config_name', 'custom'), task=data['task'], annotations=files,
         image_root=data['image_root'], skip_bad_examples=data.get('skip_bad_examples', False))
     b = annotations.BlipAnnotations(config=cfg, data_dir=data_dir, file_format=FILE_FORMAT)
   else:

@@ -1,0 +1,200 @@
+"""Evaluation during and after training, on the eval split, per task:
+
+| task                      | metrics (`metrics.jsonl` names)                                   |
+|---------------------------|-------------------------------------------------------------------|
+| retrieval, blip2_stage1   | retrieval/i2t_r1,5,10, t2i_r1,5,10, r_mean (ITC top-k + ITM rerank) |
+| pretrain                  | the retrieval metrics and caption/bleu1..4, caption/cider (greedy) |
+| caption                   | caption/bleu1..4, caption/cider                                   |
+| clip                      | retrieval metrics (ITC only)                                      |
+| vqa                       | vqa/accuracy (ranking the training answers)                       |
+| nlvr                      | nlvr/accuracy                                                     |
+| blip2_stage2              | val/lm (the LM loss on the eval split)                           |
+
+Everything runs batched under jit; only the final ranking and metric arithmetic is numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from blip_jax import generate
+from blip_jax.data import examples as examples_lib
+from blip_jax.data.loader import BatchLoader
+from blip_jax.evaluate import captions as caption_metrics
+from blip_jax.evaluate import retrieval
+from blip_jax.models.bert import lm_loss
+
+
+@dataclasses.dataclass
+class EvalData:
+  images: BatchLoader | None = None  # every eval image once (retrieval / captions)
+  index: examples_lib.RetrievalIndex | None = None
+  examples: BatchLoader | None = None  # task examples (vqa / nlvr / stage 2)
+  answers: tuple[np.ndarray, np.ndarray, list[str]] | None = None  # VQA candidate list (ids, mask, text)
+
+
+def _chunks(n: int, size: int):
+  for start in range(0, n, size):
+    yield np.arange(start, min(start + size, n))
+
+
+def _padded(index: np.ndarray, size: int) -> np.ndarray:
+  return np.concatenate([index, np.full(size - len(index), index[0])])
+
+
+class Evaluator:
+  def __init__(self, task, trainer, data: EvalData, tokenizer, cfg, *, log=print):
+    self.task, self.trainer, self.data, self.tokenizer, self.cfg = task, trainer, data, tokenizer, cfg
+    self.log = log
+    self.batch = cfg.get('batch_size', 64)
+    self.k = cfg.get('k_test', 16)
+    self._compiled = {}
+
+  def _fn(self, name, fn):
+    """A jitted `fn(model, *args)` taking the train state (the model is rebuilt inside)."""
+    if name not in self._compiled:
+      trainer = self.trainer
+      self._compiled[name] = jax.jit(lambda state, *args: fn(trainer.model(state), *args))
+    return self._compiled[name]
+
+  def __call__(self, state) -> dict[str, float]:
+    name = self.task.name
+    metrics = {}
+    if name in ('retrieval', 'pretrain', 'blip2_stage1', 'clip'):
+      metrics.update({f'retrieval/{k}': v for k, v in self.retrieval(state).items()})
+    if name in ('pretrain', 'caption'):
+      scores, samples = self.captions(state)
+      metrics.update({f'caption/{k}': v for k, v in scores.items()})
+      self.samples = samples
+    if name == 'vqa':
+      metrics['vqa/accuracy'] = self.vqa(state)
+    if name == 'nlvr':
+      metrics['nlvr/accuracy'] = self.nlvr(state)
+    if name == 'blip2_stage2':
+      metrics['val/lm'] = self.stage2_loss(state)
+    return metrics
+
+  # ------------------------------------------------------------------------- images
+  def image_outputs(self, state, fn_name, fn):
+    """`fn(model, images)` over every eval image, concatenated (numpy, padding dropped)."""
+    out = []
+    run = self._fn(fn_name, fn)
+    for batch in tqdm.tqdm(self.data.images.epoch(), total=self.data.images.steps_per_epoch,
+                           desc=f'eval {fn_name}', leave=False):
+      valid = np.asarray(batch['valid'])
+      out.append(jax.tree.map(lambda x: np.asarray(x)[valid], run(state, batch['image'])))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *out)
+
+  # ---------------------------------------------------------------------- retrieval
+  def retrieval(self, state) -> dict[str, float]:
+    family, index = self.task.family, self.data.index
+    if family == 'clip':
+      image_feat = self.image_outputs(state, 'clip_image', lambda m, x: m.encode_image(x))
+      text_fn = self._fn('clip_text', lambda m, ids, mask: m.encode_text(ids, mask))
+    else:
+      image_embeds, image_feat = self.image_outputs(
+          state, 'image_embeds', lambda m, x: (lambda e: (e, m.image_features(e)))(m.image_embeds(x)))
+      if family == 'blip':
+        text_fn = self._fn('text_feat', lambda m, ids, mask: m.text_features(m.text_embeds(ids, mask)))
+      else:
+        text_fn = self._fn('text_feat', lambda m, ids, mask: m.text_features(ids, mask))
+    text_feat = []
+    for rows in _chunks(len(index.text_ids), self.batch):
+      padded = _padded(rows, self.batch)
+      text_feat.append(np.asarray(text_fn(state, index.text_ids[padded], index.text_mask[padded]))[:len(rows)])
+    text_feat = np.concatenate(text_feat)
+    if family == 'clip':
+      norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+      sim = norm(image_feat) @ norm(text_feat).T
+      self.scores = {'i2t': sim, 't2i': sim.T}
+      return retrieval.recalls(sim, index.img2txt, index.txt2img)
+    if family == 'blip':
+      sim = image_feat @ text_feat.T
+    else:  # BLIP-2: max over the query features
+      sim = np.einsum('iqe,te->iqt', image_feat, text_feat).max(1)
+    itm = self._fn('itm', lambda m, embeds, ids, mask: m.itm_logits(embeds, ids, mask)[:, 1])
+
+    def pair_scores(image_index, text_index):
+      out = []
+      for rows in _chunks(len(image_index), self.batch):
+        p = _padded(rows, self.batch)
+        t = text_index[p]
+        out.append(np.asarray(itm(state, image_embeds[image_index[p]], index.text_ids[t], index.text_mask[t]))[:len(rows)])
+      return np.concatenate(out)
+
+    i2t, t2i = retrieval.rerank(sim, self.k, pair_scores)
+    self.scores = {'i2t': i2t, 't2i': t2i}  # the final score matrices, kept for inspection
+    return retrieval.recalls_from_both(i2t, t2i, index.img2txt, index.txt2img)
+
+  # ----------------------------------------------------------------------- captions
+  def captions(self, state):
+    tok, prompt = self.tokenizer, self.task.prompt
+    prompt_ids, prompt_mask = tok.encode([prompt], 16, 'dec')
+    prompt_ids = prompt_ids[:, :int(prompt_mask.sum()) - 1]  # drop the trailing [SEP]
+    max_length = self.cfg.get('caption_max_length', 30)
+    min_length = self.cfg.get('caption_min_length', 5)
+
+    def caption(m, images):
+      ids = jnp.broadcast_to(prompt_ids, (images.shape[0], prompt_ids.shape[1]))
+      return generate.greedy(m.text_decoder, m.image_embeds(images), ids, max_length=max_length,
+                             min_length=min_length, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+
+    ids = self.image_outputs(state, 'caption', caption)
+    texts = [t[len(prompt):].strip() if t.startswith(prompt.strip()) else t.strip() for t in tok.decode(ids)]
+    index = self.data.index
+    refs = [[index.texts[t] for t in texts_of] for texts_of in index.img2txt]
+    return caption_metrics.caption_metrics(texts, refs), list(zip(texts, refs))
+
+  # ---------------------------------------------------------------------- VQA / NLVR
+  def vqa(self, state) -> float:
+    a_ids, a_mask, a_text = self.data.answers
+    num = len(a_text)
+
+    def scores(m, images, q_ids, q_mask):
+      states = m.question_states(m.image_embeds(images), q_ids, q_mask)
+      b = states.shape[0]
+      states, q_mask = jnp.repeat(states, num, 0), jnp.repeat(q_mask, num, 0)
+      ids, mask = jnp.tile(a_ids, (b, 1)), jnp.tile(a_mask, (b, 1))
+      logits = m.answer_logits(states, q_mask, ids, mask)
+      labels = jnp.where(mask == 0, -100, ids)
+      return -lm_loss(logits, labels, label_smoothing=m.config.text.label_smoothing, reduction='none').reshape(b, num)
+
+    run = self._fn('vqa', scores)
+    hits, total = 0.0, 0
+    for batch in self.data.examples.epoch():
+      pred = np.asarray(run(state, batch['image'], batch['question_ids'], batch['question_mask'])).argmax(-1)
+      valid = np.asarray(batch['valid'])
+      answer_ids = np.asarray(batch['answer_ids'])[:, 0]  # the heaviest answer of each question
+      hits += float(np.sum(valid & np.all(a_ids[pred] == answer_ids, axis=-1)))
+      total += int(valid.sum())
+    return 100.0 * hits / total
+
+  def nlvr(self, state) -> float:
+    run = self._fn('nlvr', lambda m, x0, x1, ids, mask: m(x0, x1, ids, mask).argmax(-1))
+    hits = total = 0
+    for batch in self.data.examples.epoch():
+      pred = np.asarray(run(state, batch['image0'], batch['image1'], batch['text_ids'], batch['text_mask']))
+      valid = np.asarray(batch['valid'])
+      hits += int(np.sum(valid & (pred == np.asarray(batch['label']))))
+      total += int(valid.sum())
+    return 100.0 * hits / total
+
+  def stage2_loss(self, state) -> float:
+    run = self._fn('stage2', lambda m, x, ids, mask: m.loss(m.image_embeds(x), ids, mask, prompt_length=1))
+    losses = [float(run(state, b['image'], b['text_ids'], b['text_mask'])) for b in self.data.examples.epoch()]
+    return float(np.mean(losses))
+
+
+def vqa_answer_list(train_examples: examples_lib.Examples, tokenizer) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """The candidate answers: every answer with weight in the training examples (sorted)."""
+  ids = train_examples.columns['answer_ids']
+  weights = train_examples.columns['weights']
+  unique = np.unique(ids[weights > 0], axis=0)
+  mask = (unique != tokenizer.pad_token_id).astype(np.int32)
+  return unique, mask, tokenizer.decode(unique)
+
