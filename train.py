@@ -1,48 +1,41 @@
-"""blip_jax training entry point.
+"""Train (or evaluate) a BLIP / BLIP-2 / CLIP model: `python train.py [--config configs/X.py[:arg]]
+[--workdir DIR] [--config.field=value ...]`. With no flags: configs/default.py into runs/default.
 
-Training (every BLIP / BLIP-2 / CLIP objective, sharded over a device mesh, orbax checkpoints)
-is being built under the training issue; until it lands, this entry point checks that the
-installation works: it builds a small BLIP retrieval model, compiles its ITC and ITM forward
-pass and prints the scores of random images against random captions.
+Multi-host: every host runs the same command; `jax.distributed.initialize()` is called when the
+environment names a coordinator (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or
+with --multihost (TPU pods and SLURM, where JAX finds them itself). See the README.
 """
 
-import time
+import logging
+import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
 
-from blip_jax.models import blip
+HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'), 'training config file')
+flags.DEFINE_string('workdir', None, 'checkpoints, metrics.jsonl, TensorBoard events (default runs/<config name>)')
+flags.DEFINE_bool('multihost', False, 'call jax.distributed.initialize() (auto-detected cluster)')
+FLAGS = flags.FLAGS
 
 
-def main():
-  cfg = blip.blip_config('base', image_size=64,
-                         vision=dict(width=96, depth=4, num_heads=4, mlp_dim=384),
-                         text=dict(hidden_size=96, num_layers=4, num_heads=4, intermediate_size=384),
-                         embed_dim=32)
-  model = blip.build('retrieval', cfg)
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def scores(state, images, ids, mask):
-    m = nnx.merge(graphdef, state)
-    embeds = m.image_embeds(images)
-    sim = m.similarity(m.image_features(embeds), m.text_features(m.text_embeds(ids, mask)))
-    return sim, jax.nn.softmax(m.itm_logits(embeds, ids, mask))[:, 1]
-
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32)
-  ids = jnp.asarray(rng.integers(1000, 2000, size=(4, 12)))
-  mask = jnp.ones_like(ids)
-  start = time.perf_counter()
-  sim, itm = jax.block_until_ready(scores(state, images, ids, mask))
-  print(f'compiled and ran a {sum(x.size for x in jax.tree.leaves(state))/1e6:.1f}M-parameter BLIP '
-        f'in {time.perf_counter() - start:.1f}s')
-  print('ITC cosine similarity (images x texts):\n', np.round(np.asarray(sim), 3))
-  print('ITM match probability:', np.round(np.asarray(itm), 3))
-  print('Training is not implemented yet (see the README status section).')
+def main(argv):
+  del argv
+  import jax
+  if FLAGS.multihost or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    env = {k: os.environ[v] for k, v in [('coordinator_address', 'JAX_COORDINATOR_ADDRESS')] if v in os.environ}
+    if 'JAX_NUM_PROCESSES' in os.environ:
+      env.update(num_processes=int(os.environ['JAX_NUM_PROCESSES']), process_id=int(os.environ['JAX_PROCESS_ID']))
+    jax.distributed.initialize(**env)
+  # Libraries (orbax, TFDS) log every save and read at INFO through absl: keep their warnings only.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('blip_jax').setLevel(logging.INFO)
+  from blip_jax.train.loop import train_and_evaluate
+  config_name = os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename.split(':')[0]))[0]
+  workdir = FLAGS.workdir or os.path.join('runs', config_name)
+  train_and_evaluate(FLAGS.config, workdir)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

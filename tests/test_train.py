@@ -1,0 +1,234 @@
+"""Training: the objectives' equations, every config at tiny size, resume, NaN stop, frozen weights."""
+
+import importlib.util
+import json
+import pathlib
+import shutil
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import blip_jax
+from blip_jax import objectives
+from blip_jax.data import datasets, examples as ex
+from blip_jax.data.loader import BatchLoader
+from blip_jax.data.transforms import image_function
+from blip_jax.train import loop, state as state_lib, tasks
+from blip_jax.train.config_base import TINY_MODELS
+
+ROOT = pathlib.Path(__file__).parents[1]
+CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py'))
+TOKENIZER = types.SimpleNamespace(vocab_size=64, bos_token_id=62, enc_token_id=63, sep_token_id=3, pad_token_id=0,
+                                  cls_token_id=2)
+
+
+def load_config(name, arg='tiny'):
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _tiny(name, data_dir, **overrides):
+  c = load_config(name)
+  c.data.data_dir = data_dir
+  c.update(overrides)
+  return c
+
+
+def _train_lines(workdir):
+  lines = [json.loads(l) for l in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+  return [l for l in lines if 'train/loss' in l]
+
+
+# ------------------------------------------------------------------------- the equations
+
+
+def test_momentum_update_and_queue_enqueue_follow_the_reference_equations():
+  task = tasks.get('retrieval')
+  model = tasks.build_model(task, tasks.model_config(task, TINY_MODELS['blip'], TOKENIZER))
+  # Make the momentum copies differ from the online encoders first.
+  nnx.update(model.vision_proj_m, jax.tree.map(lambda x: x + 1.0, nnx.state(model.vision_proj_m, nnx.Param)))
+  online = np.asarray(model.vision_proj.kernel[...])
+  before = np.asarray(model.vision_proj_m.kernel[...])
+  model.update_momentum()
+  np.testing.assert_allclose(model.vision_proj_m.kernel[...], 0.995 * before + 0.005 * online, rtol=1e-6)
+
+  size = model.config.queue_size
+  ptr = size - 8  # the pointer wraps to 0 after this batch of 8
+  model.ptr_queue[...] = jnp.asarray([ptr], jnp.int32)
+  rng = np.random.default_rng(0)
+  image_feat, text_feat = (jnp.asarray(rng.normal(size=(8, 16)), jnp.float32) for _ in range(2))
+  ids = jnp.arange(8, dtype=jnp.int32) + 100
+  old = np.asarray(model.image_queue[...])
+  tasks._enqueue(model, image_feat, text_feat, ids)
+  np.testing.assert_array_equal(model.image_queue[...][:, ptr:], np.asarray(image_feat).T)
+  np.testing.assert_array_equal(model.text_queue[...][:, ptr:], np.asarray(text_feat).T)
+  np.testing.assert_array_equal(model.idx_queue[...][0, ptr:], np.asarray(ids))
+  np.testing.assert_array_equal(model.image_queue[...][:, :ptr], old[:, :ptr])
+  assert int(model.ptr_queue[...][0]) == 0
+
+
+def test_itc_targets_with_same_id_positives_and_distillation():
+  """The retrieval ITC loss equals the reference formula written out in numpy."""
+  task = tasks.get('retrieval')
+  model = tasks.build_model(task, tasks.model_config(task, TINY_MODELS['blip'], TOKENIZER))
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
+  ids = jnp.asarray(rng.integers(4, 60, (4, 10)), jnp.int32)
+  mask = jnp.ones_like(ids)
+  image_ids = jnp.asarray([7, 7, 3, 5], jnp.int32)
+  queue = {k: np.array(getattr(model, k)[...]) for k in ('image_queue', 'text_queue', 'idx_queue')}
+  queue['idx_queue'][0, :3] = [3, 9, 7]  # queue entries that share ids with the batch
+  model.idx_queue[...] = jnp.asarray(queue['idx_queue'])
+  alpha = 0.4
+  loss, image_feat, text_feat = tasks.itc_with_momentum(model, images, model.image_embeds(images), ids, mask,
+                                                        alpha, image_ids)
+  l2 = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  feat_m_i = l2(np.asarray(model.vision_proj_m(model.visual_encoder_m(images)[:, 0])))
+  feat_m_t = l2(np.asarray(model.text_proj_m(model.text_encoder_m(ids, mask, mode='text')[:, 0])))
+  image_all = np.concatenate([feat_m_i, queue['image_queue'].T])
+  text_all = np.concatenate([feat_m_t, queue['text_queue'].T])
+  ids_all = np.concatenate([np.asarray(image_ids), queue['idx_queue'][0]])
+  pos = (np.asarray(image_ids)[:, None] == ids_all[None]).astype(np.float64)
+  pos /= pos.sum(1, keepdims=True)
+  temp = float(model.temp[...])
+  softmax = lambda x: np.exp(x - x.max(1, keepdims=True)) / np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)
+  log_softmax = lambda x: np.log(softmax(x))
+  t_i2t = alpha * softmax(feat_m_i @ text_all.T / temp) + (1 - alpha) * pos
+  t_t2i = alpha * softmax(feat_m_t @ image_all.T / temp) + (1 - alpha) * pos
+  i2t = -(log_softmax(np.asarray(image_feat) @ text_all.T / temp) * t_i2t).sum(1).mean()
+  t2i = -(log_softmax(np.asarray(text_feat) @ image_all.T / temp) * t_t2i).sum(1).mean()
+  np.testing.assert_allclose(loss, (i2t + t2i) / 2, rtol=1e-5)
+
+
+def test_hard_negatives_never_pick_a_same_id_pair():
+  image_ids = jnp.asarray([0, 0, 1, 2, 2, 2, 3, 4])
+  pos = objectives.positives(8, image_ids)
+  # Similarities that strongly favour the positives: sampling must still avoid them.
+  sim = jnp.where(pos, 50.0, 0.0) + jax.random.normal(jax.random.key(0), (8, 8))
+  for seed in range(200):
+    neg_image, neg_text = objectives.sample_hard_negatives(jax.random.key(seed), sim, sim.T, pos)
+    assert (image_ids[neg_image] != image_ids).all() and (image_ids[neg_text] != image_ids).all()
+
+
+# ---------------------------------------------------------------------- configs and runs
+
+
+# From scratch at tiny size, NLVR2 needs more than 30 steps to move, and BLIP-2 stage 2 learns
+# only the soft prompt of a random frozen LLM: their decrease is checked on a repeated batch below.
+SLOW_STARTERS = ('nlvr', 'blip2_stage2')
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_config_trains_at_tiny_size_and_its_loss_decreases(name, data_dir, tmp_path):
+  config = _tiny(name, data_dir, num_steps=30)
+  metrics = loop.train_and_evaluate(config, str(tmp_path))
+  lines = _train_lines(tmp_path)
+  assert [l['step'] for l in lines] == list(range(1, 31))
+  first, last = (np.mean([l['train/loss'] for l in part]) for part in (lines[:5], lines[-5:]))
+  assert np.isfinite([first, last]).all()
+  if config.task not in SLOW_STARTERS:
+    assert last < 0.95 * first, (name, first, last)
+  expected = {'retrieval': 'retrieval/i2t_r1', 'pretrain': 'caption/cider', 'caption': 'caption/bleu4',
+              'vqa': 'vqa/accuracy', 'nlvr': 'nlvr/accuracy', 'blip2_stage1': 'retrieval/t2i_r1',
+              'blip2_stage2': 'val/lm', 'clip': 'retrieval/r_mean'}[config.task]
+  assert expected in metrics and np.isfinite(metrics[expected])
+  blip_jax.load(tmp_path / 'model')  # the exported model loads
+  assert (tmp_path / 'training_curves.png').stat().st_size > 0
+
+
+@pytest.mark.parametrize('name', SLOW_STARTERS)
+def test_slow_starters_fit_a_repeated_synthetic_scenes_batch(name, data_dir):
+  config = _tiny(name, data_dir)
+  task = tasks.get(name)
+  builder = datasets.builder(config.data)
+  tok = datasets.tokenizer(config.data, builder)
+  table = ex.build(task.kind, builder.name, ex.read_text_fields(builder, 'train'), tok, config.data)
+  batch = BatchLoader(table, builder.as_data_source('train'), image_function('blip_eval', 32), 8).load(0)
+  batch.pop('valid')
+  model_config = tasks.model_config(task, config.model, tok)
+  trainer = state_lib.Trainer(task, lambda: tasks.build_model(task, model_config), optax.adamw(1e-3),
+                              state_lib.make_mesh())
+  state, losses = trainer.init(), []
+  for _ in range(30):
+    state, metrics = trainer.step(state, batch)
+    losses.append(float(metrics['loss']))
+  first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+  assert last < (0.9 if name == 'nlvr' else 1.0) * first, (name, first, last)
+
+
+def test_resume_after_kill_equals_a_straight_run(data_dir, tmp_path):
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  config = _tiny('retrieval', data_dir, num_steps=6, checkpoint_every_steps=3, keep_checkpoints=5)
+  loop.train_and_evaluate(config, str(straight))
+  # A run killed after its step-3 checkpoint: only that checkpoint (and its first metrics) exist.
+  shutil.copytree(straight / 'checkpoints' / '3', killed / 'checkpoints' / '3')
+  loop.train_and_evaluate(config, str(killed))
+  a = _train_lines(straight)[3:]
+  b = _train_lines(killed)
+  assert [l['step'] for l in b] == [4, 5, 6]
+  for x, y in zip(a, b):
+    np.testing.assert_allclose([x[k] for k in sorted(x) if k.startswith('train/')],
+                               [y[k] for k in sorted(x) if k.startswith('train/')], rtol=1e-6, atol=1e-6)
+  restore = lambda d: ocp.StandardCheckpointer().restore((d / 'checkpoints' / '6' / 'state').absolute())
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(restore(straight)),
+                          jax.tree.leaves(restore(killed))):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_nan_in_the_batch_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+  load = BatchLoader.load
+
+  def poisoned(self, step):
+    batch = load(self, step)
+    if step == 4 and 'image' in batch and self.shuffle:
+      batch['image'][:] = np.nan
+    return batch
+
+  monkeypatch.setattr(BatchLoader, 'load', poisoned)
+  config = _tiny('default', data_dir, num_steps=8, checkpoint_every_steps=2, keep_checkpoints=5)
+  with pytest.raises(loop.TrainingDiverged, match=r'step 4: non-finite .*loss.* last good one is step 4'):
+    loop.train_and_evaluate(config, str(tmp_path))
+  manager = ocp.CheckpointManager(tmp_path / 'checkpoints')
+  assert manager.all_steps() == [2, 4]
+  state = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '4' / 'state')
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
+  assert not (tmp_path / 'model').exists()
+
+
+@pytest.mark.parametrize('name', ['blip2_stage1', 'blip2_stage2'])
+def test_frozen_parameters_never_change_in_blip2_steps(name):
+  task = tasks.get(name)
+  config = tasks.model_config(task, TINY_MODELS['blip2'], TOKENIZER)
+  trainer = state_lib.Trainer(task, lambda: tasks.build_model(task, config), optax.adamw(1e-2),
+                              state_lib.make_mesh())
+  state = trainer.init()
+  names = lambda tree: [state_lib.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  frozen_prefixes = ('visual_encoder.',) + (('opt_model.',) if name == 'blip2_stage2' else ())
+  assert not any(n.startswith(frozen_prefixes) for n in names(state['params']))
+  before = jax.tree.map(np.asarray, (state['params'], state['rest']))
+  rng = np.random.default_rng(0)
+  ids = rng.integers(4, 60, (4, 10)).astype(np.int32)
+  batch = {'image': rng.normal(size=(4, 32, 32, 3)).astype(np.float32), 'text_ids': ids,
+           'text_mask': np.ones_like(ids), 'image_id': np.arange(4, dtype=np.int32)}
+  for _ in range(2):
+    state, metrics = trainer.step(state, batch)
+    assert metrics['finite']
+  rest = dict(zip(names(state['rest']), jax.tree.leaves(state['rest'])))
+  rest_before = dict(zip(names(before[1]), jax.tree.leaves(before[1])))
+  frozen = [n for n in rest if n.startswith(frozen_prefixes) and rest[n].dtype == np.float32]
+  assert frozen and all(np.array_equal(rest[n], rest_before[n]) for n in frozen)
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state['params']), jax.tree.leaves(before[0]))]
+  assert np.mean(changed) > 0.9  # the Q-Former (and projections) did train
