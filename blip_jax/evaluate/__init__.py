@@ -1,0 +1,1 @@
+"""Evaluation: retrieval recalls, caption metrics, classification accuracy."""
