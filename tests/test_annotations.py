@@ -51,15 +51,18 @@ def test_nlvr_format(tmp_path):
   assert out[0]['label'] == 1 and out[0]['image1'][0, 0, 0] == 80
 
 
-def test_bad_entries_name_the_file_and_index_or_are_skipped(tmp_path):
+def test_bad_entries_name_the_file_and_index_or_are_skipped(tmp_path, caplog):
   entries = [{'image': '0.png', 'caption': 'ok'}, {'image': 'missing.png', 'caption': 'x'},
              {'caption': 'no image key'}]
   with pytest.raises(A.AnnotationError, match=r'bad\.json, entry 1: image not found: .*missing\.png'):
     _build(tmp_path, 'bad', 'caption', entries)
   out = _build(tmp_path, 'bad', 'caption', entries, skip_bad_examples=True)
-  assert len(out) == 1
+  assert len(out) == 1 and 'skipped 2 bad entries' in caplog.text
   (tmp_path / 'broken.json').write_text('[{"image": ')
   with pytest.raises(A.AnnotationError, match='broken.json: not valid JSON'):
     A.read_annotations(str(tmp_path / 'broken.json'))
+  (tmp_path / 'img' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
+  with pytest.raises(A.AnnotationError, match=r'corrupt\.json, entry 1: cannot read image .*corrupt\.jpg'):
+    _build(tmp_path, 'corrupt', 'caption', [entries[0], {'image': 'corrupt.jpg', 'caption': 'x'}])
   with pytest.raises(A.AnnotationError, match=r"missing keys \['caption'\]"):
     A.to_example({'image': '0.png'}, 'caption', str(tmp_path / 'img'))

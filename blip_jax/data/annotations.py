@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 
 TASKS = ('caption', 'vqa', 'nlvr')
@@ -67,6 +68,11 @@ def to_example(entry: dict, task: str, image_root: str) -> dict[str, Any]:
   for p in paths:
     if not os.path.isfile(p):
       raise AnnotationError(f'image not found: {p}')
+    try:  # decode now, so a corrupt file is reported with its entry instead of failing the build later
+      with Image.open(p) as image:
+        image.load()
+    except Exception as e:  # noqa: BLE001 (PIL raises many types for bad files)
+      raise AnnotationError(f'cannot read image {p}: {e}') from None
   if task == 'caption':
     captions = entry['caption'] if isinstance(entry['caption'], list) else [entry['caption']]
     return {'image': paths[0], 'captions': captions, 'image_id': str(entry.get('image_id', entry['image']))}
