@@ -58,6 +58,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.k_test = 16  # ITM-reranked candidates per query (the originals: 256 COCO, 128 Flickr)
   c.eval.caption_max_length = 30
   c.eval.caption_min_length = 5
+  c.eval.num_beams = 1  # > 1: beam search (the originals evaluate captions with 3 beams)
   c.eval.show_captions = 5
 
   c.log_every_steps = 10

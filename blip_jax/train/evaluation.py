@@ -3,8 +3,8 @@
 | task                      | metrics (`metrics.jsonl` names)                                   |
 |---------------------------|-------------------------------------------------------------------|
 | retrieval, blip2_stage1   | retrieval/i2t_r1,5,10, t2i_r1,5,10, r_mean (ITC top-k + ITM rerank) |
-| pretrain                  | the retrieval metrics and caption/bleu1..4, caption/cider (greedy) |
-| caption                   | caption/bleu1..4, caption/cider                                   |
+| pretrain                  | the retrieval metrics and caption/bleu1..4, rouge_l, cider        |
+| caption                   | caption/bleu1..4, rouge_l, cider (greedy, or `eval.num_beams`)    |
 | clip                      | retrieval metrics (ITC only)                                      |
 | vqa                       | vqa/accuracy (ranking the training answers)                       |
 | nlvr                      | nlvr/accuracy                                                     |
@@ -139,10 +139,15 @@ class Evaluator:
     max_length = self.cfg.get('caption_max_length', 30)
     min_length = self.cfg.get('caption_min_length', 5)
 
+    num_beams = self.cfg.get('num_beams', 1)
+
     def caption(m, images):
       ids = jnp.broadcast_to(prompt_ids, (images.shape[0], prompt_ids.shape[1]))
-      return generate.greedy(m.text_decoder, m.image_embeds(images), ids, max_length=max_length,
-                             min_length=min_length, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+      lengths = dict(max_length=max_length, min_length=min_length, eos_token_id=tok.sep_token_id,
+                     pad_token_id=tok.pad_token_id)
+      if num_beams > 1:
+        return generate.beam_search(m.text_decoder, m.image_embeds(images), ids, num_beams=num_beams, **lengths)[0][:, 0]
+      return generate.greedy(m.text_decoder, m.image_embeds(images), ids, **lengths)
 
     ids = self.image_outputs(state, 'caption', caption)
     texts = [t[len(prompt):].strip() if t.startswith(prompt.strip()) else t.strip() for t in tok.decode(ids)]
