@@ -30,6 +30,7 @@ def get_config(arg: str = ''):
   c.optim.warmup_lr = 1e-5
   c.optim.decay_rate = 0.9
   c.optim.grad_clip = 1.0
+  c.eval.k_test = 64  # ITM-reranked candidates per query, of 200 images / 1000 captions
   if arg == 'tiny':
     make_tiny(c, 'blip')
   elif arg:
