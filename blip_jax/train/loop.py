@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
+from flax import nnx
 
 from blip_jax import model_io
 from blip_jax.data import datasets, examples as examples_lib
@@ -93,7 +94,6 @@ def _load_init(trainer, state, path):
       loaded.append(name)
       unused.discard(name)
   if getattr(model, 'momentum_pairs', None) and not any('_m.' in n for n in loaded):
-    from flax import nnx
     for online, momentum in model.momentum_pairs():
       nnx.update(momentum, nnx.state(online, nnx.Param))
   log.info('init_from %s: %d tensors loaded, %d not in the checkpoint, %d unused', path, len(loaded),

@@ -44,11 +44,15 @@ def schedule(cfg, steps_per_epoch: int, num_epochs: int):
   return lr
 
 
+def path_name(path) -> str:
+  """A pytree path as the dotted attribute path (`text_encoder.encoder.layer.0....`)."""
+  return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
 def decay_mask(params):
   """True where weight decay applies (matrices other than embeddings and tokens)."""
   def decays(path, x):
-    name = '.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
-    return x.ndim >= 2 and not NO_DECAY.search(name)
+    return x.ndim >= 2 and not NO_DECAY.search(path_name(path))
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from blip_jax.train import tasks as tasks_lib
+from blip_jax.train.optim import path_name
 
 MOMENTUM = r'^[a-z_]+_m\.'  # visual_encoder_m., text_proj_m., ...: updated by EMA, not by gradients
 FSDP_MIN_SIZE = 1 << 14
@@ -53,10 +54,6 @@ def leaf_sharding(mesh: Mesh, x) -> NamedSharding:
       spec[dims[0]] = 'fsdp'
       return NamedSharding(mesh, P(*spec))
   return NamedSharding(mesh, P())
-
-
-def path_name(path) -> str:
-  return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
 
 def trainable_filter(frozen: tuple[str, ...]):
