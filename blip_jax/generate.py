@@ -1,10 +1,17 @@
 """Decoding under jit with a preallocated KV cache and `jax.lax.while_loop`.
 
-`greedy` and `beam_search` work for any decoder with `init_cache(batch, max_length,
-encoder_states)` and `decode(ids, slot_mask, cache) -> (logits, cache)` (the MED decoder
-`BertLMHeadModel`). Lengths count the prompt, as HF `generate` and the originals count them: the
-output has `max_length` tokens; before `min_length` the end-of-sequence token cannot be chosen.
-After a sequence's end-of-sequence token come `pad_token_id`s.
+`greedy`, `sample` and `beam_search` work for any decoder with `init_cache(batch, max_length,
+encoder_states)` and `decode(ids, slot_mask, cache) -> (logits, cache)`: the MED decoder
+(`BertLMHeadModel`, conditioned on image embeddings) and BLIP-2's OPT behind its image prefix
+(`Blip2OPT.decoder`, conditioned on `Blip2OPT.prefix(image_embeds)`). Lengths count the prompt,
+as HF `generate` and the originals count them: the output has `max_length` tokens; before
+`min_length` the end-of-sequence token cannot be chosen. After a sequence's end-of-sequence
+token come `pad_token_id`s.
+
+The logits go through HF's processors in HF's order: repetition penalty (on every token of the
+sequence so far, prompt included), the minimum length, then, when sampling, temperature, top-k
+and top-p (`process_logits`, `warp_logits`). Beam search applies the processors to the
+log-probabilities, as HF does.
 """
 
 from __future__ import annotations
@@ -13,35 +20,96 @@ import jax
 import jax.numpy as jnp
 
 
-def greedy(decoder, encoder_states, prompt_ids, *, max_length: int, min_length: int = 0, eos_token_id: int,
-           pad_token_id: int = 0):
-  """Greedy decoding of `prompt_ids` [B, P] (all rows the same length) conditioned on
-  `encoder_states` [B, N, D]. Returns ids [B, max_length]: the prompt, then the generated
-  tokens; after a row's end-of-sequence token, padding."""
+def process_logits(logits, ids, length, *, min_length: int = 0, eos_token_id: int,
+                   repetition_penalty: float = 1.0):
+  """HF's `RepetitionPenaltyLogitsProcessor` and `MinLengthLogitsProcessor` on `logits` [B, V]
+  after the tokens `ids[:, :length]` ([B, max_length]; later slots are ignored)."""
+  if repetition_penalty != 1.0:
+    b, v = logits.shape
+    seen = jnp.arange(ids.shape[1])[None] < length
+    present = jnp.zeros((b, v + 1), bool).at[jnp.arange(b)[:, None], jnp.where(seen, ids, v)].set(True)[:, :v]
+    penalised = jnp.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+    logits = jnp.where(present, penalised, logits)
+  return logits.at[:, eos_token_id].set(jnp.where(length < min_length, -jnp.inf, logits[:, eos_token_id]))
+
+
+def warp_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+  """HF's temperature, top-k and top-p (nucleus) warpers: removed tokens get -inf.
+
+  top-k keeps the tokens whose logit is at least the k-th largest; top-p removes the least
+  likely tokens whose cumulative probability (counted from the least likely) stays <= 1 - top_p,
+  always keeping the most likely one."""
+  if temperature != 1.0:
+    logits = logits / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(logits, axis=-1)  # ascending, as HF sorts
+    ascending = jnp.take_along_axis(logits, order, axis=-1)
+    remove = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1) <= 1.0 - top_p
+    remove = remove.at[:, -1].set(False)
+    logits = jnp.where(jnp.zeros_like(remove).at[jnp.arange(logits.shape[0])[:, None], order].set(remove),
+                       -jnp.inf, logits)
+  return logits
+
+
+def _decode_loop(decoder, encoder_states, prompt_ids, choose, *, max_length: int, eos_token_id: int,
+                 pad_token_id: int, rng=None):
+  """One token per step for every row: `choose(logits [B, V], ids, length, key) -> tokens [B]`."""
   b, p = prompt_ids.shape
   cache = decoder.init_cache(b, max_length, encoder_states)
   slots = jnp.ones((b, max_length), jnp.int32)  # future slots are hidden by the causal rule
   logits, cache = decoder.decode(prompt_ids, slots, cache)
   ids = jnp.full((b, max_length), pad_token_id, jnp.int32).at[:, :p].set(prompt_ids)
-
-  def pick(logits, length):
-    logits = logits.at[:, eos_token_id].set(jnp.where(length < min_length, -jnp.inf, logits[:, eos_token_id]))
-    return jnp.argmax(logits, -1).astype(jnp.int32)
+  rng = jax.random.key(0) if rng is None else rng
 
   def cond(carry):
-    length, _, done, _, _ = carry
+    length, _, done, _, _, _ = carry
     return (length < max_length) & ~jnp.all(done)
 
   def body(carry):
-    length, ids, done, last_logits, cache = carry
-    token = jnp.where(done, pad_token_id, pick(last_logits, length))
+    length, ids, done, last_logits, cache, rng = carry
+    rng, key = jax.random.split(rng)
+    token = jnp.where(done, pad_token_id, choose(last_logits.astype(jnp.float32), ids, length, key).astype(jnp.int32))
     ids = jax.lax.dynamic_update_slice(ids, token[:, None], (0, length))
     done = done | (token == eos_token_id)
     logits, cache = decoder.decode(token[:, None], slots, cache)
-    return length + 1, ids, done, logits[:, -1], cache
+    return length + 1, ids, done, logits[:, -1], cache, rng
 
-  carry = (jnp.asarray(p, jnp.int32), ids, jnp.zeros((b,), bool), logits[:, -1], cache)
+  carry = (jnp.asarray(p, jnp.int32), ids, jnp.zeros((b,), bool), logits[:, -1], cache, rng)
   return jax.lax.while_loop(cond, body, carry)[1]
+
+
+def greedy(decoder, encoder_states, prompt_ids, *, max_length: int, min_length: int = 0, eos_token_id: int,
+           pad_token_id: int = 0, repetition_penalty: float = 1.0):
+  """Greedy decoding of `prompt_ids` [B, P] (all rows the same length) conditioned on
+  `encoder_states` [B, N, D]. Returns ids [B, max_length]: the prompt, then the generated
+  tokens; after a row's end-of-sequence token, padding."""
+  def choose(logits, ids, length, key):
+    return jnp.argmax(process_logits(logits, ids, length, min_length=min_length, eos_token_id=eos_token_id,
+                                     repetition_penalty=repetition_penalty), -1)
+
+  return _decode_loop(decoder, encoder_states, prompt_ids, choose, max_length=max_length,
+                      eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+def sample(decoder, encoder_states, prompt_ids, *, rng, max_length: int, min_length: int = 0, eos_token_id: int,
+           pad_token_id: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           repetition_penalty: float = 1.0, num_return_sequences: int = 1):
+  """Sampling (`do_sample=True` in HF): each token is drawn from the softmax of the processed and
+  warped logits with keys split from `rng`. BLIP's nucleus captions: `top_p=0.9,
+  repetition_penalty=1.1`. Returns ids [B, num_return_sequences, max_length]."""
+  r = num_return_sequences
+
+  def choose(logits, ids, length, key):
+    logits = process_logits(logits, ids, length, min_length=min_length, eos_token_id=eos_token_id,
+                            repetition_penalty=repetition_penalty)
+    return jax.random.categorical(key, warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p))
+
+  ids = _decode_loop(decoder, jnp.repeat(encoder_states, r, axis=0), jnp.repeat(prompt_ids, r, axis=0), choose,
+                     max_length=max_length, eos_token_id=eos_token_id, pad_token_id=pad_token_id, rng=rng)
+  return ids.reshape(prompt_ids.shape[0], r, max_length)
 
 
 NEG = -1.0e9  # HF's "impossible" score: added, not assigned, so orderings stay as HF's
@@ -55,7 +123,7 @@ def _reorder(cache, rows):
 
 def beam_search(decoder, encoder_states, prompt_ids, *, num_beams: int, max_length: int, min_length: int = 0,
                 length_penalty: float = 1.0, early_stopping: bool = False, eos_token_id: int,
-                pad_token_id: int = 0, num_return_sequences: int = 1):
+                pad_token_id: int = 0, num_return_sequences: int = 1, repetition_penalty: float = 1.0):
   """Beam search as HF `generate(num_beams=..., do_sample=False)` does it (transformers >= 4.50).
 
   Each step keeps the best `2 * num_beams` continuations of all beams; those ending in the
@@ -78,8 +146,9 @@ def beam_search(decoder, encoder_states, prompt_ids, *, num_beams: int, max_leng
 
   def body(carry):
     length, seqs, scores, done_seqs, done_scores, done, unsatisfied, logits, cache, _ = carry
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    logp = logp.at[:, eos_token_id].set(jnp.where(length < min_length, -jnp.inf, logp[:, eos_token_id]))
+    logp = process_logits(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), seqs.reshape(n, max_length),
+                          length, min_length=min_length, eos_token_id=eos_token_id,
+                          repetition_penalty=repetition_penalty)
     vocab = logp.shape[-1]
     total = (logp.reshape(b, nb, vocab) + scores[:, :, None]).reshape(b, nb * vocab)
     top_scores, top_index = jax.lax.top_k(total, k)

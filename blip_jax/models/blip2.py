@@ -143,6 +143,36 @@ class Blip2OPT(_Blip2Base):
     labels = jnp.concatenate([jnp.full((labels.shape[0], self.config.qformer.num_query_tokens), -100), labels], 1)
     return lm_loss(logits, labels, label_smoothing=0.0)
 
+  @property
+  def decoder(self) -> 'PrefixDecoder':
+    """The OPT behind the image prefix, for `blip_jax.generate` (conditioned on `prefix(...)`)."""
+    return PrefixDecoder(self.opt_model)
+
+
+class PrefixDecoder:
+  """OPT with an embedding prefix, in the decoder interface of `blip_jax.generate`.
+
+  `init_cache(batch, max_length, prefix)` runs OPT over the prefix [B, Q, D] once and keeps its
+  keys/values in front of `max_length` slots for the text; `decode` sees text tokens only, so
+  ids, lengths and the repetition penalty count the text (BOS and prompt included), as BLIP's do.
+  """
+
+  def __init__(self, opt_model: OPTForCausalLM):
+    self.opt_model = opt_model
+
+  def init_cache(self, batch_size: int, max_length: int, prefix):
+    prefix_length = prefix.shape[1]
+    cache = self.opt_model.init_cache(batch_size, prefix_length + max_length)
+    _, cache = self.opt_model.decode(None, jnp.ones((batch_size, prefix_length + max_length), jnp.int32), cache,
+                                     inputs_embeds=prefix)
+    return cache
+
+  def decode(self, input_ids, attention_mask, cache):
+    prefix_length = cache['layers'][0]['k'].shape[1] - attention_mask.shape[1]
+    mask = jnp.concatenate([jnp.ones((attention_mask.shape[0], prefix_length), attention_mask.dtype),
+                            attention_mask], axis=1)
+    return self.opt_model.decode(input_ids, mask, cache)
+
 
 def build(cfg: Blip2Config, *, seed: int = 0) -> Blip2Qformer | Blip2OPT:
   """Stage 2 (Blip2OPT) when `cfg.opt` is set, else stage 1 (Blip2Qformer)."""
