@@ -3,7 +3,8 @@
 `greedy`, `sample` and `beam_search` work for any decoder with `init_cache(batch, max_length,
 encoder_states)` and `decode(ids, slot_mask, cache) -> (logits, cache)`: the MED decoder
 (`BertLMHeadModel`, conditioned on image embeddings) and BLIP-2's OPT behind its image prefix
-(`Blip2OPT.decoder`, conditioned on `Blip2OPT.prefix(image_embeds)`). Lengths count the prompt,
+(`Blip2OPT.decoder`, conditioned on `Blip2OPT.prefix(image_embeds)`) and BLIP's VQA answer
+decoder (`BlipVQA.answer_decoder`, conditioned on `(question_states, question_mask)`). Lengths count the prompt,
 as HF `generate` and the originals count them: the output has `max_length` tokens; before
 `min_length` the end-of-sequence token cannot be chosen. After a sequence's end-of-sequence
 token come `pad_token_id`s.
@@ -52,6 +53,12 @@ def warp_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: floa
     logits = jnp.where(jnp.zeros_like(remove).at[jnp.arange(logits.shape[0])[:, None], order].set(remove),
                        -jnp.inf, logits)
   return logits
+
+
+def _repeat(encoder_states, times: int):
+  """Each row `times` times in a row (HF's expansion for beams and returned sequences); the
+  encoder states may be a tuple of arrays (the VQA decoder takes states and their mask)."""
+  return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0), encoder_states)
 
 
 def _decode_loop(decoder, encoder_states, prompt_ids, choose, *, max_length: int, eos_token_id: int,
@@ -107,7 +114,7 @@ def sample(decoder, encoder_states, prompt_ids, *, rng, max_length: int, min_len
                             repetition_penalty=repetition_penalty)
     return jax.random.categorical(key, warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p))
 
-  ids = _decode_loop(decoder, jnp.repeat(encoder_states, r, axis=0), jnp.repeat(prompt_ids, r, axis=0), choose,
+  ids = _decode_loop(decoder, _repeat(encoder_states, r), jnp.repeat(prompt_ids, r, axis=0), choose,
                      max_length=max_length, eos_token_id=eos_token_id, pad_token_id=pad_token_id, rng=rng)
   return ids.reshape(prompt_ids.shape[0], r, max_length)
 
@@ -138,7 +145,7 @@ def beam_search(decoder, encoder_states, prompt_ids, *, num_beams: int, max_leng
   b, p = prompt_ids.shape
   nb, k = num_beams, 2 * num_beams
   n = b * nb
-  cache = decoder.init_cache(n, max_length, jnp.repeat(encoder_states, nb, axis=0))
+  cache = decoder.init_cache(n, max_length, _repeat(encoder_states, nb))
   slots = jnp.ones((n, max_length), jnp.int32)
   logits, cache = decoder.decode(jnp.repeat(prompt_ids, nb, axis=0), slots, cache)
   seqs = jnp.full((b, nb, max_length), pad_token_id, jnp.int32).at[:, :, :p].set(prompt_ids[:, None])

@@ -78,9 +78,11 @@ def build(family: str, task: str, config, *, seed: int = 0) -> nnx.Module:
 
 
 def unique_weights(model: nnx.Module) -> dict[str, nnx.Variable]:
-  """{dotted path: Variable} of the model's weights, a shared Variable under its first path."""
+  """{dotted path: Variable} of the model's weights, a shared Variable under its first path in
+  sorted order (the order of a split / merged or abstract model too, so the names of tied
+  weights do not depend on how the model was made)."""
   out, seen = {}, set()
-  for path, var in named_variables(model):
+  for path, var in sorted(named_variables(model), key=lambda item: item[0]):
     if id(var) not in seen:
       seen.add(id(var))
       out[path] = var

@@ -22,6 +22,7 @@ class BlipTokenizer:
     path = os.path.join(vocab, 'vocab.txt') if os.path.isdir(vocab) else vocab
     if not os.path.isfile(path):
       raise FileNotFoundError(f'WordPiece vocabulary not found: {path}')
+    self.vocab_file = path
     self.tokenizer = transformers.BertTokenizer(path, do_lower_case=True)  # the vocab path is positional in 4.x and 5.x
     # The same order as the originals' init_tokenizer, so the new ids match theirs.
     self.tokenizer.add_special_tokens({'bos_token': '[DEC]'})

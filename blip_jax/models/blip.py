@@ -206,6 +206,21 @@ class BlipVQA(BlipFeatureExtractor):
     return self.text_decoder(set_first_token(answer_ids, self.config.bos_token_id), answer_mask,
                              question_states, question_mask)
 
+  def answer_scores(self, question_states, question_mask, answer_ids, answer_mask):
+    """Ranking scores [B, A] of A candidate answers ([A, Ta] ids / mask) for every question: the
+    negative label-smoothed sequence loss, as the originals' `rank_answer` scores them."""
+    b, a = question_states.shape[0], answer_ids.shape[0]
+    states, q_mask = jnp.repeat(question_states, a, 0), jnp.repeat(jnp.asarray(question_mask), a, 0)
+    ids, mask = jnp.tile(answer_ids, (b, 1)), jnp.tile(answer_mask, (b, 1))
+    logits = self.answer_logits(states, q_mask, ids, mask)
+    labels = jnp.where(mask == 0, -100, ids)
+    return -lm_loss(logits, labels, label_smoothing=self.config.text.label_smoothing, reduction='none').reshape(b, a)
+
+  @property
+  def answer_decoder(self) -> 'QuestionConditionedDecoder':
+    """The answer decoder for `blip_jax.generate`, conditioned on `(question_states, question_mask)`."""
+    return QuestionConditionedDecoder(self.text_decoder)
+
   def loss(self, image_embeds, question_ids, question_mask, answer_ids, answer_mask, weights):
     """Weighted answer loss `sum(w * seq_loss) / B` of the originals.
 
@@ -222,6 +237,22 @@ class BlipVQA(BlipFeatureExtractor):
     seq_loss = lm_loss(logits, labels, label_smoothing=self.config.text.label_smoothing,
                        reduction='none')
     return (weights.reshape(-1) * seq_loss).sum() / b
+
+
+class QuestionConditionedDecoder:
+  """The VQA answer decoder in the decoder interface of `blip_jax.generate`: its encoder states
+  are the pair (question states [B, Tq, H], question mask [B, Tq]), so padded question tokens
+  stay masked in the cross-attention."""
+
+  def __init__(self, text_decoder: BertLMHeadModel):
+    self.text_decoder = text_decoder
+
+  def init_cache(self, batch_size: int, max_length: int, question):
+    states, mask = question
+    return self.text_decoder.init_cache(batch_size, max_length, states, mask)
+
+  def decode(self, input_ids, attention_mask, cache):
+    return self.text_decoder.decode(input_ids, attention_mask, cache)
 
 
 class BlipNLVR(BlipFeatureExtractor):

@@ -27,7 +27,6 @@ from blip_jax.data import examples as examples_lib
 from blip_jax.data.loader import BatchLoader
 from blip_jax.evaluate import captions as caption_metrics
 from blip_jax.evaluate import retrieval
-from blip_jax.models.bert import lm_loss
 
 
 @dataclasses.dataclass
@@ -158,16 +157,9 @@ class Evaluator:
   # ---------------------------------------------------------------------- VQA / NLVR
   def vqa(self, state) -> float:
     a_ids, a_mask, a_text = self.data.answers
-    num = len(a_text)
 
     def scores(m, images, q_ids, q_mask):
-      states = m.question_states(m.image_embeds(images), q_ids, q_mask)
-      b = states.shape[0]
-      states, q_mask = jnp.repeat(states, num, 0), jnp.repeat(q_mask, num, 0)
-      ids, mask = jnp.tile(a_ids, (b, 1)), jnp.tile(a_mask, (b, 1))
-      logits = m.answer_logits(states, q_mask, ids, mask)
-      labels = jnp.where(mask == 0, -100, ids)
-      return -lm_loss(logits, labels, label_smoothing=m.config.text.label_smoothing, reduction='none').reshape(b, num)
+      return m.answer_scores(m.question_states(m.image_embeds(images), q_ids, q_mask), q_mask, a_ids, a_mask)
 
     run = self._fn('vqa', scores)
     hits, total = 0.0, 0

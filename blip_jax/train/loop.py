@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 
 import jax
@@ -194,8 +195,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   for text, refs in getattr(evaluator, 'samples', [])[:config.eval.get('show_captions', 5)]:
     print(f'  generated: {text!r}\n      truth: {refs[0]!r}')
   if not config.eval_only:
-    model_io.save(os.path.join(workdir, 'model'), trainer.model(state), model_config,
+    model_dir = os.path.join(workdir, 'model')
+    model_io.save(model_dir, trainer.model(state), model_config,
                   task=task.model_task if task.family == 'blip' else task.name)
+    shutil.copy(tokenizer.vocab_file, os.path.join(model_dir, 'vocab.txt'))  # what blip_jax.predict reads
   curve = writer.plot()
   if curve:
     print(f'curves: {curve}\nmetrics: {writer.path}')
