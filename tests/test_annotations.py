@@ -40,7 +40,10 @@ def test_caption_format_with_string_or_list(tmp_path):
 def test_vqa_answer_weights_follow_the_originals(tmp_path):
   answers, weights = A.vqa_answer_weights(['2', '2', 'two', '2'])
   assert answers == ['2', 'two'] and np.allclose(weights, [0.75, 0.25])
-  assert A.vqa_answer_weights('yes') == (['yes'], [1.0])  # Visual Genome: one answer
+  assert A.vqa_answer_weights('yes', 'vg') == (['yes'], [0.2])  # Visual Genome: one answer, weight 0.2
+  assert A.vqa_answer_weights('yes') == (['yes'], [1.0])
+  with pytest.raises(A.AnnotationError, match='Visual Genome'):
+    A.vqa_answer_weights(['yes', 'no'], 'vg')
   out = _build(tmp_path, 'vqa', 'vqa', [{'image': '2.png', 'question': 'what?', 'question_id': 3,
                                          'answer': ['a', 'b', 'a', 'a'], 'dataset': 'vqa'}])
   assert [a.decode() for a in out[0]['answers']] == ['a', 'b'] and np.allclose(out[0]['weights'], [0.75, 0.25])

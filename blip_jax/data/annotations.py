@@ -48,8 +48,17 @@ def read_annotations(path: str) -> list[dict[str, Any]]:
   return entries
 
 
-def vqa_answer_weights(answers) -> tuple[list[str], list[float]]:
-  """Unique answers and their weights, as BLIP's vqa_dataset computes them."""
+VG_ANSWER_WEIGHT = 0.2  # BLIP's vqa_dataset: a Visual Genome answer counts as a fifth of a VQAv2 vote
+
+
+def vqa_answer_weights(answers, dataset: str = 'vqa') -> tuple[list[str], list[float]]:
+  """Unique answers and their weights, as BLIP's vqa_dataset computes them: VQAv2 (`dataset`
+  'vqa') weighs each answer by its share of the annotators' answers; a Visual Genome question
+  ('vg') has one answer of weight 0.2; a single string answer of another source weighs 1."""
+  if dataset == 'vg':
+    if not isinstance(answers, str):
+      raise AnnotationError(f'a Visual Genome ("dataset": "vg") answer is one string, got {answers!r}')
+    return [answers], [VG_ANSWER_WEIGHT]
   if isinstance(answers, str):
     return [answers], [1.0]
   weights: dict[str, float] = {}
@@ -77,7 +86,7 @@ def to_example(entry: dict, task: str, image_root: str) -> dict[str, Any]:
     captions = entry['caption'] if isinstance(entry['caption'], list) else [entry['caption']]
     return {'image': paths[0], 'captions': captions, 'image_id': str(entry.get('image_id', entry['image']))}
   if task == 'vqa':
-    answers, weights = vqa_answer_weights(entry.get('answer', []))
+    answers, weights = vqa_answer_weights(entry.get('answer', []), entry.get('dataset', 'vqa'))
     return {'image': paths[0], 'question': entry['question'], 'question_id': int(entry['question_id']),
             'answers': answers, 'weights': np.asarray(weights, np.float32)}
   label = entry['label']
