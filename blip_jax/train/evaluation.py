@@ -6,7 +6,7 @@
 | pretrain                  | the retrieval metrics and caption/bleu1..4, rouge_l, cider        |
 | caption                   | caption/bleu1..4, rouge_l, cider (greedy, or `eval.num_beams`)    |
 | clip                      | retrieval metrics (ITC only)                                      |
-| vqa                       | vqa/accuracy (ranking the training answers)                       |
+| vqa                       | vqa/accuracy (VQAv2 accuracy of the best-ranked training answer)  |
 | nlvr                      | nlvr/accuracy                                                     |
 | blip2_stage2              | val/lm (the LM loss on the eval split)                           |
 
@@ -27,6 +27,7 @@ from blip_jax.data import examples as examples_lib
 from blip_jax.data.loader import BatchLoader
 from blip_jax.evaluate import captions as caption_metrics
 from blip_jax.evaluate import retrieval
+from blip_jax.evaluate import vqa as vqa_metrics
 
 
 @dataclasses.dataclass
@@ -162,14 +163,15 @@ class Evaluator:
       return m.answer_scores(m.question_states(m.image_embeds(images), q_ids, q_mask), q_mask, a_ids, a_mask)
 
     run = self._fn('vqa', scores)
-    hits, total = 0.0, 0
+    predictions, humans = [], []
     for batch in self.data.examples.epoch():
-      pred = np.asarray(run(state, batch['image'], batch['question_ids'], batch['question_mask'])).argmax(-1)
+      best = np.asarray(run(state, batch['image'], batch['question_ids'], batch['question_mask'])).argmax(-1)
       valid = np.asarray(batch['valid'])
-      answer_ids = np.asarray(batch['answer_ids'])[:, 0]  # the heaviest answer of each question
-      hits += float(np.sum(valid & np.all(a_ids[pred] == answer_ids, axis=-1)))
-      total += int(valid.sum())
-    return 100.0 * hits / total
+      weights = np.asarray(batch['weights'])
+      for row in np.flatnonzero(valid):
+        predictions.append(a_text[best[row]])
+        humans.append(human_answers(self.tokenizer.decode(np.asarray(batch['answer_ids'])[row]), weights[row]))
+    return vqa_metrics.mean_vqa_accuracy(predictions, humans)
 
   def nlvr(self, state) -> float:
     run = self._fn('nlvr', lambda m, x0, x1, ids, mask: m(x0, x1, ids, mask).argmax(-1))
@@ -185,6 +187,12 @@ class Evaluator:
     run = self._fn('stage2', lambda m, x, ids, mask: m.loss(m.image_embeds(x), ids, mask, prompt_length=1))
     losses = [float(run(state, b['image'], b['text_ids'], b['text_mask'])) for b in self.data.examples.epoch()]
     return float(np.mean(losses))
+
+
+def human_answers(answers: list[str], weights, votes: int = 10) -> list[str]:
+  """The annotators' answers behind unique answers and their weights (shares of `votes` human
+  answers, VQAv2's 10 per question), for the VQA accuracy."""
+  return [a for a, w in zip(answers, weights) for _ in range(int(round(float(w) * votes)))]
 
 
 def vqa_answer_list(train_examples: examples_lib.Examples, tokenizer) -> tuple[np.ndarray, np.ndarray, list[str]]:
