@@ -50,13 +50,18 @@ def _blip_config(tok):
                           sep_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
 
 
-@pytest.fixture(scope='module')
-def pretrained(scenes, tmp_path_factory):
-  """A random BLIP pretraining model (ITC, ITM and the decoder) saved as train.py saves one."""
+def _tiny_blip(scenes, tmp_path_factory, task, seed):
+  """A random tiny BLIP `task` model saved as train.py saves one (with its vocab.txt)."""
   tok = BlipTokenizer(scenes[1])
   config = _blip_config(tok)
-  model = blip.build('pretrain', config, seed=3)
-  return _save(tmp_path_factory, 'pretrain', model, config, 'pretrain', scenes[1]), model, tok
+  model = blip.build(task, config, seed=seed)
+  return _save(tmp_path_factory, task, model, config, task, scenes[1]), model, tok
+
+
+@pytest.fixture(scope='module')
+def pretrained(scenes, tmp_path_factory):
+  """BLIP pretraining: ITC, ITM and the decoder."""
+  return _tiny_blip(scenes, tmp_path_factory, 'pretrain', seed=3)
 
 
 def _pixels(paths, kind='blip_eval'):
@@ -132,10 +137,7 @@ def test_retrieve_builds_an_index_and_answers_text_and_image_queries(scenes, pre
 
 @pytest.fixture(scope='module')
 def vqa_model(scenes, tmp_path_factory):
-  tok = BlipTokenizer(scenes[1])
-  config = _blip_config(tok)
-  model = blip.build('vqa', config, seed=5)
-  return _save(tmp_path_factory, 'vqa', model, config, 'vqa', scenes[1]), model, tok
+  return _tiny_blip(scenes, tmp_path_factory, 'vqa', seed=5)
 
 
 def test_vqa_ranks_a_list_and_generates_with_the_question_mask(scenes, vqa_model, tmp_path):
