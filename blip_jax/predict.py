@@ -197,8 +197,7 @@ def caption(p: Predictor, images: Images, args) -> list[dict]:
   if p.task == 'vqa':
     raise InputError('`caption` needs a captioning (or pretrained) BLIP checkpoint; this one answers questions')
   tok = p.tokenizer
-  prompt_ids, prompt_mask = tok.encode([args.prompt], 32, 'dec')
-  prompt_ids = jnp.asarray(prompt_ids[:, :int(prompt_mask.sum()) - 1])  # [DEC] prompt, without [SEP]
+  prompt_ids = jnp.asarray(tok.decoder_prompt(args.prompt))
   lengths = dict(max_length=args.max_length, min_length=args.min_length, eos_token_id=tok.sep_token_id,
                  pad_token_id=tok.pad_token_id, repetition_penalty=args.repetition_penalty)
   key = jax.random.key(args.seed)
@@ -221,7 +220,7 @@ def caption(p: Predictor, images: Images, args) -> list[dict]:
     return p.run('caption', decode, x, sub)
 
   ids, confidence = images.map(batch, 'caption')
-  texts = [strip_prompt(t, args.prompt) for t in tok.decode(ids)]
+  texts = [tok.strip_prompt(t, args.prompt) for t in tok.decode(ids)]
   return [{'image': path, 'caption': t, 'confidence': round(float(c), 4)}
           for path, t, c in zip(images.paths, texts, confidence)]
 
@@ -233,11 +232,6 @@ def caption_confidence(decoder, image_embeds, ids, prompt_length: int, pad_token
   token_logp = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
   generated = real[:, 1:] * (jnp.arange(1, ids.shape[1]) >= prompt_length)[None]
   return jnp.exp((token_logp * generated).sum(1) / jnp.maximum(generated.sum(1), 1))
-
-
-def strip_prompt(text: str, prompt: str) -> str:
-  prompt = prompt.strip()
-  return text[len(prompt):].strip() if prompt and text.startswith(prompt) else text.strip()
 
 
 def itm(p: Predictor, images: Images, args) -> list[dict]:
@@ -337,7 +331,7 @@ def vqa(p: Predictor, images: Images, args) -> list[dict]:
 
 
 def classify(p: Predictor, images: Images, args) -> list[dict]:
-  from blip_jax.models.layers import l2_normalize
+  from blip_jax.zero_shot import ensemble_prompts
   classes = [c.strip() for c in args.classes.split(',') if c.strip()]
   if not classes:
     raise InputError('`classify` needs --classes a,b,c')
@@ -347,9 +341,8 @@ def classify(p: Predictor, images: Images, args) -> list[dict]:
     raise InputError(f'--template must contain "{{}}" where the class name goes: {bad}')
   if p.family == 'blip':
     p.require('classify', 'image_features', 'text_features')
-  # Prompt ensembling as OpenAI's: normalise each prompt's feature, average per class, normalise.
   prompts = p.text_features([t.format(c) for c in classes for t in templates])
-  classifier = np.asarray(l2_normalize(jnp.asarray(prompts.reshape(len(classes), len(templates), -1).mean(1))))
+  classifier = np.asarray(ensemble_prompts(jnp.asarray(prompts).reshape(len(classes), len(templates), -1)))
   scale = (1.0 / float(p.run('temp', lambda m: m.temperature())) if p.family == 'blip'
            else float(p.run('scale', lambda m: jnp.exp(m.logit_scale[...]))))
   probs = np.asarray(jax.nn.softmax(scale * p.image_features(images) @ classifier.T, axis=-1))

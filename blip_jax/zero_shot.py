@@ -39,8 +39,13 @@ def zero_shot_classifier(model: CLIP, token_ids, attention_mask=None):
   token_ids = jnp.asarray(token_ids)
   c, t, length = token_ids.shape
   mask = None if attention_mask is None else jnp.asarray(attention_mask).reshape(c * t, length)
-  emb = l2_normalize(model.encode_text(token_ids.reshape(c * t, length), mask))
-  return l2_normalize(emb.reshape(c, t, -1).mean(axis=1)).T
+  return ensemble_prompts(model.encode_text(token_ids.reshape(c * t, length), mask).reshape(c, t, -1)).T
+
+
+def ensemble_prompts(features):
+  """OpenAI's prompt ensembling: text features [C, T, E] of T prompts per class -> normalise each,
+  average per class, normalise again -> class embeddings [C, E]."""
+  return l2_normalize(l2_normalize(features).mean(axis=1))
 
 
 def classify(model: CLIP, images, classifier, k: int = 5):

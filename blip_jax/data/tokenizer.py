@@ -50,5 +50,16 @@ class BlipTokenizer:
     ids[:, 0] = {'cls': self.cls_token_id, 'enc': self.enc_token_id, 'dec': self.bos_token_id}[first_token]
     return ids, enc['attention_mask'].astype(np.int32)
 
+  def decoder_prompt(self, prompt: str):
+    """The decoder's start ids [1, P]: `[DEC]` and the prompt's tokens, without `[SEP]`."""
+    ids, mask = self.encode([prompt], 32, 'dec')
+    return ids[:, :int(mask.sum()) - 1]
+
+  @staticmethod
+  def strip_prompt(text: str, prompt: str) -> str:
+    """A decoded caption without its prompt (the originals' `caption[len(prompt):]`)."""
+    prompt = prompt.strip()
+    return text[len(prompt):].strip() if prompt and text.startswith(prompt) else text.strip()
+
   def decode(self, ids) -> list[str]:
     return self.tokenizer.batch_decode(np.asarray(ids), skip_special_tokens=True)

@@ -134,8 +134,7 @@ class Evaluator:
   # ----------------------------------------------------------------------- captions
   def captions(self, state):
     tok, prompt = self.tokenizer, self.task.prompt
-    prompt_ids, prompt_mask = tok.encode([prompt], 16, 'dec')
-    prompt_ids = prompt_ids[:, :int(prompt_mask.sum()) - 1]  # drop the trailing [SEP]
+    prompt_ids = tok.decoder_prompt(prompt)
     max_length = self.cfg.get('caption_max_length', 30)
     min_length = self.cfg.get('caption_min_length', 5)
 
@@ -150,7 +149,7 @@ class Evaluator:
       return generate.greedy(m.text_decoder, m.image_embeds(images), ids, **lengths)
 
     ids = self.image_outputs(state, 'caption', caption)
-    texts = [t[len(prompt):].strip() if t.startswith(prompt.strip()) else t.strip() for t in tok.decode(ids)]
+    texts = [tok.strip_prompt(t, prompt) for t in tok.decode(ids)]
     index = self.data.index
     refs = [[index.texts[t] for t in texts_of] for texts_of in index.img2txt]
     return caption_metrics.caption_metrics(texts, refs), list(zip(texts, refs))
