@@ -117,16 +117,24 @@ def save(out_dir, model: nnx.Module, config, *, task: str, dtype: str = 'float32
   out_dir = os.path.abspath(os.fspath(out_dir))
   weights = {path: jnp.asarray(var.get_value()).astype(dtype) if jnp.issubdtype(var.dtype, jnp.floating)
              else jnp.asarray(var.get_value()) for path, var in unique_weights(model).items()}
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
-  os.makedirs(out_dir)
+  # With several processes (a multi-host run) every one writes its shards of the weights; the
+  # first alone clears the directory and writes the config.
+  primary = jax.process_index() == 0
+  if primary:
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'model_io.save: {out_dir} cleared')
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(out_dir, WEIGHTS_DIR), weights)
   checkpointer.wait_until_finished()
-  meta = {'format': FORMAT, 'family': family_of(config), 'task': task, 'dtype': dtype,
-          'config': dataclasses.asdict(config), 'provenance': provenance or {}}
-  with open(os.path.join(out_dir, CONFIG_FILE), 'w') as f:
-    json.dump(meta, f, indent=2)
+  if primary:
+    meta = {'format': FORMAT, 'family': family_of(config), 'task': task, 'dtype': dtype,
+            'config': dataclasses.asdict(config), 'provenance': provenance or {}}
+    with open(os.path.join(out_dir, CONFIG_FILE), 'w') as f:
+      json.dump(meta, f, indent=2)
 
 
 def read_config(model_dir) -> dict[str, Any]:
@@ -153,7 +161,10 @@ def load(source, *, seed: int = 0, **convert_kwargs):
   config = config_from_dict(CONFIG_CLASSES[family], meta['config'])
   model = build_abstract(lambda: build(family, meta['task'], config, seed=seed))
   variables = unique_weights(model)
-  target = {path: jax.ShapeDtypeStruct(var.shape, var.dtype) for path, var in variables.items()}
+  # Onto this process's first device, whatever devices the weights were saved from (a model
+  # trained on many devices or hosts loads on one CPU).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = {path: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=device) for path, var in variables.items()}
   weights_dir = os.path.join(os.path.abspath(os.fspath(source)), WEIGHTS_DIR)
   try:
     restored = ocp.StandardCheckpointer().restore(weights_dir, target)

@@ -5,6 +5,7 @@ simulated CPU devices (`--xla_force_host_platform_device_count`), and 2 processe
 `jax.distributed` over localhost with CPU collectives.
 """
 
+import json
 import os
 import pathlib
 import socket
@@ -52,13 +53,74 @@ def test_step_on_8_devices_equals_1_device(tmp_path, single, mesh):
   _assert_same_run(np.load(out), single)
 
 
-def test_two_processes_equal_one(tmp_path, single):
+def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('localhost', 0))
-    port = s.getsockname()[1]
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path, single):
+  port = _free_port()
   out = tmp_path / 'run.npz'
   procs = [_run(out, 1, '--process_id', str(i), '--num_processes', '2', '--port', str(port), wait=False)
            for i in range(2)]
   for proc in procs:
     _finish(proc)
   _assert_same_run(np.load(out), single)
+
+
+def _train_py(workdir, data_dir, devices, env=(), args=()):
+  """`train.py` on the tiny default (ITC + ITM + LM, then retrieval and caption evaluation)."""
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu',
+         **dict(env)}
+  return subprocess.Popen(
+      [sys.executable, str(SCRIPT.parents[1] / 'train.py'), '--config', str(SCRIPT.parents[1] / 'configs/default.py:tiny'),
+       '--workdir', str(workdir), f'--config.data.data_dir={data_dir}', '--config.num_steps=2', *args],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _two_hosts(workdir, data_dir, *args):
+  """`train.py` as two hosts of one device each, joined over localhost; returns their outputs."""
+  port = _free_port()
+  procs = [_train_py(workdir, data_dir, 1, {'JAX_COORDINATOR_ADDRESS': f'localhost:{port}',
+                                            'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)}, args)
+           for i in range(2)]
+  outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+  for proc, output in zip(procs, outputs):
+    assert proc.returncode == 0, output[-3000:]
+  return outputs
+
+
+def _metrics(workdir):
+  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def _assert_same_metrics(a, b):
+  keys = [k for k in sorted(a) if not k.startswith('speed/')]  # all but the timings
+  assert sorted(a) == sorted(b)
+  np.testing.assert_allclose([b[k] for k in keys], [a[k] for k in keys], rtol=1e-5, atol=1e-6, err_msg=keys)
+
+
+def test_train_py_on_two_hosts_equals_one_host(tmp_path):
+  """The whole `train.py` on 2 processes (the README's multi-host launch, over localhost) trains,
+  evaluates and saves exactly what one process with the same 2 devices does: evaluation gathers
+  each batch's rows from both hosts, and the model is written once and loads on one device.
+  Then the two hosts evaluate that saved model (`eval_only` + `init_from`) to the same numbers."""
+  import blip_jax
+  data_dir = tmp_path / 'tfds'
+  _finish(_train_py(tmp_path / 'one', data_dir, 2))  # also builds the dataset for the next runs
+  outputs = _two_hosts(tmp_path / 'two', data_dir)
+  assert 'eval: retrieval/i2t_r1' in outputs[0] and 'eval:' not in outputs[1]  # one report per run
+  one, two = _metrics(tmp_path / 'one'), _metrics(tmp_path / 'two')
+  assert len(one) == len(two) == 3 and 'retrieval/t2i_r1' in one[-1] and 'caption/bleu4' in one[-1]
+  for a, b in zip(one, two):
+    _assert_same_metrics(a, b)
+  saved = [blip_jax.load(tmp_path / run / 'model')[0] for run in ('one', 'two')]
+  weights = [blip_jax.model_io.unique_weights(m) for m in saved]
+  assert weights[0].keys() == weights[1].keys()
+  for k in weights[0]:
+    np.testing.assert_allclose(weights[1][k].get_value(), weights[0][k].get_value(), atol=1e-6, err_msg=k)
+  assert (tmp_path / 'two' / 'model' / 'vocab.txt').read_text() == (tmp_path / 'one' / 'model' / 'vocab.txt').read_text()
+
+  _two_hosts(tmp_path / 'eval', data_dir, '--config.eval_only=True', f'--config.init_from={tmp_path / "one" / "model"}')
+  _assert_same_metrics(one[-1], _metrics(tmp_path / 'eval')[-1])

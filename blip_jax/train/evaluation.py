@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from blip_jax import generate
 from blip_jax.data import examples as examples_lib
@@ -36,6 +37,16 @@ class EvalData:
   index: examples_lib.RetrievalIndex | None = None
   examples: BatchLoader | None = None  # task examples (vqa / nlvr / stage 2)
   answers: tuple[np.ndarray, np.ndarray, list[str]] | None = None  # VQA candidate list (ids, mask, text)
+
+
+def to_host(tree):
+  """Device outputs as numpy: the whole global array on every process (an eval batch is split
+  over the hosts like a training batch, so no process holds all of it)."""
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(fetch, tree)
 
 
 def _chunks(n: int, size: int):
@@ -86,8 +97,8 @@ class Evaluator:
     run = self._fn(fn_name, fn)
     for batch in tqdm.tqdm(self.data.images.epoch(), total=self.data.images.steps_per_epoch,
                            desc=f'eval {fn_name}', leave=False):
-      valid = np.asarray(batch['valid'])
-      out.append(jax.tree.map(lambda x: np.asarray(x)[valid], run(state, batch['image'])))
+      valid = to_host(batch['valid'])
+      out.append(jax.tree.map(lambda x: x[valid], to_host(run(state, batch['image']))))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *out)
 
   # ---------------------------------------------------------------------- retrieval
@@ -106,7 +117,7 @@ class Evaluator:
     text_feat = []
     for rows in _chunks(len(index.text_ids), self.batch):
       padded = _padded(rows, self.batch)
-      text_feat.append(np.asarray(text_fn(state, index.text_ids[padded], index.text_mask[padded]))[:len(rows)])
+      text_feat.append(to_host(text_fn(state, index.text_ids[padded], index.text_mask[padded]))[:len(rows)])
     text_feat = np.concatenate(text_feat)
     if family == 'clip':
       norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -124,7 +135,7 @@ class Evaluator:
       for rows in _chunks(len(image_index), self.batch):
         p = _padded(rows, self.batch)
         t = text_index[p]
-        out.append(np.asarray(itm(state, image_embeds[image_index[p]], index.text_ids[t], index.text_mask[t]))[:len(rows)])
+        out.append(to_host(itm(state, image_embeds[image_index[p]], index.text_ids[t], index.text_mask[t]))[:len(rows)])
       return np.concatenate(out)
 
     i2t, t2i = retrieval.rerank(sim, self.k, pair_scores)
@@ -164,27 +175,26 @@ class Evaluator:
     run = self._fn('vqa', scores)
     predictions, humans = [], []
     for batch in self.data.examples.epoch():
-      best = np.asarray(run(state, batch['image'], batch['question_ids'], batch['question_mask'])).argmax(-1)
-      valid = np.asarray(batch['valid'])
-      weights = np.asarray(batch['weights'])
+      best = to_host(run(state, batch['image'], batch['question_ids'], batch['question_mask'])).argmax(-1)
+      valid, weights, answers = to_host((batch['valid'], batch['weights'], batch['answer_ids']))
       for row in np.flatnonzero(valid):
         predictions.append(a_text[best[row]])
-        humans.append(human_answers(self.tokenizer.decode(np.asarray(batch['answer_ids'])[row]), weights[row]))
+        humans.append(human_answers(self.tokenizer.decode(answers[row]), weights[row]))
     return vqa_metrics.mean_vqa_accuracy(predictions, humans)
 
   def nlvr(self, state) -> float:
     run = self._fn('nlvr', lambda m, x0, x1, ids, mask: m(x0, x1, ids, mask).argmax(-1))
     hits = total = 0
     for batch in self.data.examples.epoch():
-      pred = np.asarray(run(state, batch['image0'], batch['image1'], batch['text_ids'], batch['text_mask']))
-      valid = np.asarray(batch['valid'])
-      hits += int(np.sum(valid & (pred == np.asarray(batch['label']))))
+      pred = to_host(run(state, batch['image0'], batch['image1'], batch['text_ids'], batch['text_mask']))
+      valid, label = to_host((batch['valid'], batch['label']))
+      hits += int(np.sum(valid & (pred == label)))
       total += int(valid.sum())
     return 100.0 * hits / total
 
   def stage2_loss(self, state) -> float:
     run = self._fn('stage2', lambda m, x, ids, mask: m.loss(m.image_embeds(x), ids, mask, prompt_length=1))
-    losses = [float(run(state, b['image'], b['text_ids'], b['text_mask'])) for b in self.data.examples.epoch()]
+    losses = [float(to_host(run(state, b['image'], b['text_ids'], b['text_mask']))) for b in self.data.examples.epoch()]
     return float(np.mean(losses))
 
 

@@ -91,7 +91,7 @@ def _load_init(trainer, state, path):
   loaded, unused = [], set(have)
   for name, var in model_io.unique_weights(model).items():
     if name in have and have[name].shape == var.shape:
-      var.set_value(jnp.asarray(have[name].get_value(), var.dtype))
+      var.set_value(np.asarray(have[name].get_value(), var.dtype))  # a host value: the same on every host
       loaded.append(name)
       unused.discard(name)
   if getattr(model, 'momentum_pairs', None) and not any('_m.' in n for n in loaded):
@@ -125,6 +125,12 @@ def _alpha_fn(config, steps_per_epoch):
   ramp = config.get('alpha_ramp_epochs', 1) * steps_per_epoch
   alpha = config.get('alpha', 0.4)
   return lambda step: alpha * jnp.minimum(1.0, step / max(ramp, 1))
+
+
+def _say(*args) -> None:
+  """Print once per run: on the first process of a multi-host run."""
+  if jax.process_index() == 0:
+    print(*args, flush=True)
 
 
 def _format(metrics: dict[str, float]) -> str:
@@ -182,26 +188,27 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       state = _load_init(trainer, state, config.init_from)
 
   n_params = sum(x.size for x in jax.tree.leaves(state['params']))
-  print(f'{task.name}: {n_params / 1e6:.2f}M trained parameters, {len(loader.examples)} examples, '
+  _say(f'{task.name}: {n_params / 1e6:.2f}M trained parameters, {len(loader.examples)} examples, '
         f'batch {config.batch_size} on {mesh.size} device(s) {dict(mesh.shape)}, '
-        f'{num_steps} steps ({steps_per_epoch}/epoch)', flush=True)
+        f'{num_steps} steps ({steps_per_epoch}/epoch)')
 
   if not config.eval_only and start < num_steps:
     state = _train(config, trainer, loader, state, start, num_steps, manager, writer, evaluator, lr_fn, accum)
   metrics = evaluator(state)
   if metrics:
     writer.write(num_steps, metrics)
-    print('eval:', _format(metrics), flush=True)
+    _say('eval:', _format(metrics))
   for text, refs in getattr(evaluator, 'samples', [])[:config.eval.get('show_captions', 5)]:
-    print(f'  generated: {text!r}\n      truth: {refs[0]!r}')
+    _say(f'  generated: {text!r}\n      truth: {refs[0]!r}')
   if not config.eval_only:
     model_dir = os.path.join(workdir, 'model')
     model_io.save(model_dir, trainer.model(state), model_config,
                   task=task.model_task if task.family == 'blip' else task.name)
-    shutil.copy(tokenizer.vocab_file, os.path.join(model_dir, 'vocab.txt'))  # what blip_jax.predict reads
+    if jax.process_index() == 0:
+      shutil.copy(tokenizer.vocab_file, os.path.join(model_dir, 'vocab.txt'))  # what blip_jax.predict reads
   curve = writer.plot()
   if curve:
-    print(f'curves: {curve}\nmetrics: {writer.path}')
+    _say(f'curves: {curve}\nmetrics: {writer.path}')
   return metrics
 
 

@@ -110,8 +110,9 @@ class Trainer:
   def with_model(self, state, model):
     """`state` with the model's variables replaced (e.g. after loading weights), resharded."""
     params, rest = self._split(model)
-    state = {**state, 'params': params, 'rest': rest, 'opt_state': self.tx.init(params)}
-    return jax.device_put(state, self.state_sharding)
+    # Under jit, so loaded host values and the global arrays of a multi-host state mix.
+    replace = lambda state, params, rest: {**state, 'params': params, 'rest': rest, 'opt_state': self.tx.init(params)}
+    return jax.jit(replace, out_shardings=self.state_sharding)(state, params, rest)
 
   # ------------------------------------------------------------------------------- step
   def _step(self, state, batch):
