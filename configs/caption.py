@@ -1,5 +1,6 @@
 """BLIP caption fine-tuning on COCO: LM loss with label smoothing 0.1, the prompt 'a picture of '
-ignored by the loss; evaluated with generated captions (BLEU, CIDEr).
+ignored by the loss; evaluated with generated captions (BLEU, ROUGE-L, CIDEr and, where Java
+is installed, METEOR).
 
     python train.py --config configs/caption.py --workdir runs/caption_coco \\
         --config.init_from=weights/blip_base --config.data.vocab=/path/to/bert-base-uncased \\
@@ -22,7 +23,7 @@ def get_config(arg: str = ''):
   c.batch_size = 256
   c.num_epochs = 5
   c.optim.update(schedule='cosine', lr=1e-5, weight_decay=0.05)
-  c.eval.update(caption_max_length=20, caption_min_length=5, num_beams=3)
+  c.eval.update(caption_max_length=20, caption_min_length=5, num_beams=3, meteor=True)
   if arg == 'tiny':
     make_tiny(c, 'blip')
     c.optim.lr = 1e-3

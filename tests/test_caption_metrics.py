@@ -36,3 +36,20 @@ def test_bleu_rouge_cider_equal_pycocoevalcap(subset):
   np.testing.assert_allclose(ours['rouge_l'], 100 * rouge, rtol=1e-9)
   cider, _ = Cider().compute_score(gts, res)
   np.testing.assert_allclose(ours['cider'], 100 * cider, rtol=1e-9)
+
+
+@pytest.mark.skipif(not captions.meteor_available(), reason='METEOR needs a Java runtime (none on this machine)')
+@pytest.mark.parametrize('subset', [slice(None), slice(4, 5)])
+def test_meteor_equals_pycocoevalcap(subset):
+  from pycocoevalcap.meteor.meteor import Meteor
+  cands, refs = CANDIDATES[subset], REFERENCES[subset]
+  ours = captions.caption_metrics(cands, refs, with_meteor=True)['meteor']
+  reference, per_image = Meteor().compute_score(_coco(refs), _coco(cands))
+  np.testing.assert_allclose(ours, 100 * reference, rtol=1e-9)
+  assert 0 < ours < 100 and len(per_image) == len(cands)
+
+
+def test_meteor_reports_a_missing_jar(monkeypatch, tmp_path):
+  monkeypatch.setenv('METEOR_JAR', str(tmp_path / 'nope.jar'))
+  with pytest.raises(FileNotFoundError, match='nope.jar'):
+    captions.caption_metrics(CANDIDATES, REFERENCES, with_meteor=True)

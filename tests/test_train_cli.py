@@ -9,6 +9,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from blip_jax.evaluate.captions import meteor_available
+
 ROOT = pathlib.Path(__file__).parents[1]
 WORDS = ['a', 'red', 'green', 'blue', 'square', 'circle', 'on', 'the', 'left', 'right', 'picture', 'of']
 
@@ -42,6 +44,7 @@ def test_fine_tune_on_own_annotation_files_then_resume(tmp_path):
   first = _train(tmp_path, '--config.num_steps=2')
   assert first.returncode == 0, first.stderr[-3000:]
   assert 'caption: ' in first.stdout and '16 examples' in first.stdout and 'eval: caption/bleu1' in first.stdout
+  assert ('caption/meteor' in first.stdout) == meteor_available()  # configs/caption.py asks for METEOR
   lines = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert [l['step'] for l in lines if 'train/loss' in l] == [1, 2]
   # The same command with more steps continues from the step-2 checkpoint.

@@ -5,7 +5,10 @@
 - ROUGE-L: longest common subsequence F-score (beta 1.2) from the best precision and the best
   recall over the references, averaged over images;
 - CIDEr-D: tf-idf n-gram vectors (n = 1..4, document frequencies over the evaluated images'
-  references), clipped cosine, Gaussian length penalty (sigma 6), x 10.
+  references), clipped cosine, Gaussian length penalty (sigma 6), x 10;
+- METEOR (optional): the METEOR 1.5 tool itself (Java; its jar and paraphrase table come with the
+  `pycocoevalcap` package, or set METEOR_JAR), scored as the COCO evaluation scores it: one corpus
+  score from every image's statistics, with `-l en -norm`.
 
 Captions are compared as lowercase words with punctuation removed (what pycocoevalcap's PTB
 tokenizer leaves of already-cleaned captions; the Java tokenizer itself is not needed).
@@ -15,7 +18,10 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import re
+import shutil
+import subprocess
 
 _PUNCT = re.compile(r"[^\w\s']")
 
@@ -116,8 +122,71 @@ def rouge_l(candidates: list[str], references: list[list[str]], beta: float = 1.
   return total / len(candidates)
 
 
-def caption_metrics(candidates: list[str], references: list[list[str]]) -> dict[str, float]:
-  """BLEU-1..4, ROUGE-L and CIDEr-D, in percent as the papers report them."""
+def meteor_jar() -> str | None:
+  """The METEOR 1.5 jar: $METEOR_JAR, else the one `pycocoevalcap` ships; None if neither exists."""
+  jar = os.environ.get('METEOR_JAR')
+  if jar:
+    if not os.path.isfile(jar):
+      raise FileNotFoundError(f'METEOR_JAR={jar} does not exist')
+    return jar
+  try:
+    from pycocoevalcap.meteor import meteor as coco_meteor
+  except ImportError:
+    return None
+  jar = os.path.join(os.path.dirname(coco_meteor.__file__), 'meteor-1.5.jar')
+  return jar if os.path.isfile(jar) else None
+
+
+def meteor_available() -> bool:
+  return shutil.which('java') is not None and meteor_jar() is not None
+
+
+def meteor(candidates: list[str], references: list[list[str]]) -> float:
+  """METEOR of the candidates: the tool's corpus score over all images (not a mean of image scores).
+
+  Talks to one `java -jar meteor-1.5.jar - - -stdio` process: a SCORE line per image returns that
+  image's match statistics, one EVAL line over all of them returns a score per image and then the
+  corpus score. Lines are exchanged one at a time so neither side's pipe fills up.
+  """
+  java, jar = shutil.which('java'), meteor_jar()
+  if java is None or jar is None:
+    raise RuntimeError('METEOR needs a Java runtime on PATH and the METEOR 1.5 jar '
+                       '(pip install pycocoevalcap, or set METEOR_JAR)')
+  # Its paraphrase table (data/paraphrase-en.gz) is found relative to the jar's folder.
+  proc = subprocess.Popen([java, '-jar', '-Xmx2G', jar, '-', '-', '-stdio', '-l', 'en', '-norm'],
+                          cwd=os.path.dirname(jar), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+  def ask(line: str) -> str:
+    proc.stdin.write(line + '\n')
+    proc.stdin.flush()
+    return read()
+
+  def read() -> str:
+    answer = proc.stdout.readline()
+    if not answer:
+      raise RuntimeError(f'METEOR ({jar}) stopped: {proc.stderr.read()[-2000:]}')
+    return answer.strip()
+
+  try:
+    # Words only: "|||" separates fields in the tool's protocol, and words() drops punctuation.
+    stats = [ask(' ||| '.join(['SCORE', *(' '.join(words(r)) for r in refs), ' '.join(words(cand))]))
+             for cand, refs in zip(candidates, references)]
+    ask(' ||| '.join(['EVAL', *stats]))  # the first image's score
+    for _ in range(len(stats) - 1):
+      read()
+    return float(read())
+  finally:
+    proc.stdin.close()
+    proc.kill()
+    proc.wait()
+
+
+def caption_metrics(candidates: list[str], references: list[list[str]], *, with_meteor: bool = False) -> dict[str, float]:
+  """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR if asked), in percent as the papers report them."""
   b = bleu(candidates, references)
-  return {**{f'bleu{k + 1}': 100 * v for k, v in enumerate(b)}, 'rouge_l': 100 * rouge_l(candidates, references),
-          'cider': 100 * cider_d(candidates, references)}
+  scores = {**{f'bleu{k + 1}': 100 * v for k, v in enumerate(b)}, 'rouge_l': 100 * rouge_l(candidates, references),
+            'cider': 100 * cider_d(candidates, references)}
+  if with_meteor:
+    scores['meteor'] = 100 * meteor(candidates, references)
+  return scores

@@ -60,6 +60,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.caption_min_length = 5
   c.eval.num_beams = 1  # > 1: beam search (the originals evaluate captions with 3 beams)
   c.eval.show_captions = 5
+  c.eval.meteor = False  # also caption/meteor (needs Java; the METEOR jar comes with pycocoevalcap)
 
   c.log_every_steps = 10
   c.checkpoint_every_steps = 0  # 0 = only the final checkpoint

@@ -4,7 +4,7 @@
 |---------------------------|-------------------------------------------------------------------|
 | retrieval, blip2_stage1   | retrieval/i2t_r1,5,10, t2i_r1,5,10, r_mean (ITC top-k + ITM rerank) |
 | pretrain                  | the retrieval metrics and caption/bleu1..4, rouge_l, cider        |
-| caption                   | caption/bleu1..4, rouge_l, cider (greedy, or `eval.num_beams`)    |
+| caption                   | caption/bleu1..4, rouge_l, cider, meteor with `eval.meteor` (greedy, or `eval.num_beams`) |
 | clip                      | retrieval metrics (ITC only)                                      |
 | vqa                       | vqa/accuracy (VQAv2 accuracy of the best-ranked training answer)  |
 | nlvr                      | nlvr/accuracy                                                     |
@@ -16,6 +16,7 @@ Everything runs batched under jit; only the final ranking and metric arithmetic 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,8 @@ from blip_jax.data.loader import BatchLoader
 from blip_jax.evaluate import captions as caption_metrics
 from blip_jax.evaluate import retrieval
 from blip_jax.evaluate import vqa as vqa_metrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -163,7 +166,11 @@ class Evaluator:
     texts = [tok.strip_prompt(t, prompt) for t in tok.decode(ids)]
     index = self.data.index
     refs = [[index.texts[t] for t in texts_of] for texts_of in index.img2txt]
-    return caption_metrics.caption_metrics(texts, refs), list(zip(texts, refs))
+    with_meteor = self.cfg.get('meteor', False)
+    if with_meteor and not caption_metrics.meteor_available():
+      log.warning('eval.meteor: METEOR skipped, it needs `java` on PATH and pycocoevalcap (or METEOR_JAR)')
+      with_meteor = False
+    return caption_metrics.caption_metrics(texts, refs, with_meteor=with_meteor), list(zip(texts, refs))
 
   # ---------------------------------------------------------------------- VQA / NLVR
   def vqa(self, state) -> float:
