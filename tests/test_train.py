@@ -232,3 +232,42 @@ def test_frozen_parameters_never_change_in_blip2_steps(name):
   assert frozen and all(np.array_equal(rest[n], rest_before[n]) for n in frozen)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state['params']), jax.tree.leaves(before[0]))]
   assert np.mean(changed) > 0.9  # the Q-Former (and projections) did train
+
+
+@pytest.mark.parametrize('name', ['clip', 'retrieval', 'blip2_stage1'])
+def test_zero_shot_eval_equals_classifying_each_image_by_hand(name, data_dir, tmp_path):
+  """`zero_shot/top1` of a run equals classifying every validation scene by its number of objects
+  one image at a time: CLIP with blip_jax.zero_shot (checked against open_clip), BLIP / BLIP-2 by
+  the cosine of the ITC features with each class's averaged normalised prompt features."""
+  config = _tiny(name, data_dir, num_steps=2)
+  config.eval.zero_shot.update(dataset=config.data.name, label_key='num_objects', first_label=1,
+                               class_names=('one shape', 'two shapes', 'three shapes'),
+                               templates=('an image showing {}', 'a picture of {}'))
+  metrics = loop.train_and_evaluate(config, str(tmp_path))
+  assert 'zero_shot/top5' not in metrics  # 3 classes: top-5 says nothing
+  model, _ = blip_jax.load(tmp_path / 'model')
+  tok = datasets.tokenizer(config.data, datasets.builder(config.data))
+  prompts = [t.format(c) for c in config.eval.zero_shot.class_names for t in config.eval.zero_shot.templates]
+  ids, mask = (x.reshape(3, 2, -1) for x in tok.encode(prompts, config.data.text_length))
+  source = datasets.builder(config.data).as_data_source('validation')
+  transform = image_function('clip_eval' if name == 'clip' else 'blip_eval', model.config.vision.image_size)
+  hits = []
+  if name == 'clip':
+    from blip_jax import zero_shot
+    classifier = zero_shot.zero_shot_classifier(model, ids, mask)
+  else:
+    text = lambda i, m: (model.text_features(model.text_embeds(i, m)) if name == 'retrieval'
+                         else model.text_features(i, m))
+    feats = [[np.asarray(text(ids[c, t][None], mask[c, t][None]))[0] for t in range(2)] for c in range(3)]
+    norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    classes = norm(np.stack([np.mean([norm(f) for f in per_class], 0) for per_class in feats]))
+  for record in source:
+    image = transform(record['image'], np.zeros(2, np.int64))[None]
+    if name == 'clip':
+      predicted = int(zero_shot.classify(model, image, classifier, k=1)[0][0, 0])
+    else:
+      image_feat = np.asarray(model.image_features(model.image_embeds(image)))[0]  # [E] or [queries, E]
+      predicted = int(np.argmax((norm(image_feat) @ classes.T).reshape(-1, 3).max(0)))
+    hits.append(predicted == record['num_objects'] - 1)
+  assert len(hits) >= 8
+  np.testing.assert_allclose(metrics['zero_shot/top1'], 100 * np.mean(hits), atol=1e-9)

@@ -166,3 +166,22 @@ def build(kind: str, name: str, records: list[dict], tokenizer, config, prompt: 
   if kind == 'nlvr':
     return nlvr(name, records, tokenizer, config['text_length'])
   raise ValueError(f'unknown example kind {kind!r}; expected one of {KINDS}')
+
+
+def classification(builder: tfds.core.DatasetBuilder, split: str, image_key: str, label_key: str,
+                   first_label: int, num_classes: int) -> Examples:
+  """Every image of `split` with its class (label value - `first_label`), for zero-shot
+  classification; only the labels are read here, the images when batches are loaded."""
+  features = builder.info.features
+  for key in (image_key, label_key):
+    if key not in features:
+      raise ValueError(f'{builder.name}: no feature {key!r} (zero-shot image_key / label_key); '
+                       f'it has {sorted(features)}')
+  source = builder.as_data_source(split, decoders={image_key: tfds.decode.SkipDecoding()})
+  labels = np.asarray([int(r[label_key]) for r in source.__getitems__(list(range(len(source))))]) - first_label
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if len(bad):
+    raise ValueError(f'{builder.name}[{split}] record {bad[0]}: {label_key} = {labels[bad[0]] + first_label} is '
+                     f'not one of the {num_classes} classes (first_label {first_label})')
+  return Examples(np.arange(len(labels))[:, None], (image_key,), {'label': labels})
+

@@ -61,6 +61,12 @@ def base() -> ml_collections.ConfigDict:
   c.eval.num_beams = 1  # > 1: beam search (the originals evaluate captions with 3 beams)
   c.eval.show_captions = 5
   c.eval.meteor = False  # also caption/meteor (needs Java; the METEOR jar comes with pycocoevalcap)
+  # Zero-shot classification (zero_shot/top1, top5) with the ITC features of CLIP, BLIP or BLIP-2:
+  # `dataset` is any TFDS name (e.g. 'imagenet2012', 'cifar100', 'synthetic_scenes/small'); class
+  # i is label value first_label + i; class_names default to the label feature's names.
+  c.eval.zero_shot = ml_collections.ConfigDict({
+      'dataset': '', 'split': 'validation', 'image_key': 'image', 'label_key': 'label',
+      'class_names': (), 'first_label': 0, 'templates': ('a picture of a {}.',)})
 
   c.log_every_steps = 10
   c.checkpoint_every_steps = 0  # 0 = only the final checkpoint

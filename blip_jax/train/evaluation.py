@@ -9,6 +9,7 @@
 | vqa                       | vqa/accuracy (VQAv2 accuracy of the best-ranked training answer)  |
 | nlvr                      | nlvr/accuracy                                                     |
 | blip2_stage2              | val/lm (the LM loss on the eval split)                           |
+| any ITC task, `eval.zero_shot.dataset` set | zero_shot/top1, top5 (prompt-ensembled class embeddings) |
 
 Everything runs batched under jit; only the final ranking and metric arithmetic is numpy.
 """
@@ -28,10 +29,24 @@ from blip_jax import generate
 from blip_jax.data import examples as examples_lib
 from blip_jax.data.loader import BatchLoader
 from blip_jax.evaluate import captions as caption_metrics
+from blip_jax.evaluate import classification
 from blip_jax.evaluate import retrieval
 from blip_jax.evaluate import vqa as vqa_metrics
+from blip_jax.zero_shot import ensemble_prompts
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ZeroShotData:
+  images: BatchLoader  # the classified images, in label order
+  labels: np.ndarray  # [N] class index of each image
+  prompt_ids: np.ndarray  # [C * T, L] every template of class 0, then of class 1, ...
+  prompt_mask: np.ndarray
+  num_templates: int
+
+
+ITC_TASKS = ('retrieval', 'pretrain', 'blip2_stage1', 'clip')  # the tasks whose models have ITC features
 
 
 @dataclasses.dataclass
@@ -40,6 +55,7 @@ class EvalData:
   index: examples_lib.RetrievalIndex | None = None
   examples: BatchLoader | None = None  # task examples (vqa / nlvr / stage 2)
   answers: tuple[np.ndarray, np.ndarray, list[str]] | None = None  # VQA candidate list (ids, mask, text)
+  zero_shot: ZeroShotData | None = None
 
 
 def to_host(tree):
@@ -79,8 +95,10 @@ class Evaluator:
   def __call__(self, state) -> dict[str, float]:
     name = self.task.name
     metrics = {}
-    if name in ('retrieval', 'pretrain', 'blip2_stage1', 'clip'):
+    if name in ITC_TASKS:
       metrics.update({f'retrieval/{k}': v for k, v in self.retrieval(state).items()})
+    if self.data.zero_shot is not None:
+      metrics.update({f'zero_shot/{k}': v for k, v in self.zero_shot(state).items()})
     if name in ('pretrain', 'caption'):
       scores, samples = self.captions(state)
       metrics.update({f'caption/{k}': v for k, v in scores.items()})
@@ -94,34 +112,41 @@ class Evaluator:
     return metrics
 
   # ------------------------------------------------------------------------- images
-  def image_outputs(self, state, fn_name, fn):
-    """`fn(model, images)` over every eval image, concatenated (numpy, padding dropped)."""
+  def image_outputs(self, state, fn_name, fn, images: BatchLoader | None = None):
+    """`fn(model, images)` over every eval image (or those of `images`), concatenated (numpy,
+    padding dropped)."""
     out = []
     run = self._fn(fn_name, fn)
-    for batch in tqdm.tqdm(self.data.images.epoch(), total=self.data.images.steps_per_epoch,
-                           desc=f'eval {fn_name}', leave=False):
+    images = images or self.data.images
+    for batch in tqdm.tqdm(images.epoch(), total=images.steps_per_epoch, desc=f'eval {fn_name}', leave=False):
       valid = to_host(batch['valid'])
       out.append(jax.tree.map(lambda x: x[valid], to_host(run(state, batch['image']))))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *out)
 
   # ---------------------------------------------------------------------- retrieval
+  def text_features(self, state, ids, mask) -> np.ndarray:
+    """ITC text features [N, E] of token ids [N, L], in batches of one shape."""
+    family = self.task.family
+    if family == 'clip':
+      run = self._fn('clip_text', lambda m, ids, mask: m.encode_text(ids, mask))
+    elif family == 'blip':
+      run = self._fn('text_feat', lambda m, ids, mask: m.text_features(m.text_embeds(ids, mask)))
+    else:
+      run = self._fn('text_feat', lambda m, ids, mask: m.text_features(ids, mask))
+    out = []
+    for rows in _chunks(len(ids), self.batch):
+      padded = _padded(rows, self.batch)
+      out.append(to_host(run(state, ids[padded], mask[padded]))[:len(rows)])
+    return np.concatenate(out)
+
   def retrieval(self, state) -> dict[str, float]:
     family, index = self.task.family, self.data.index
     if family == 'clip':
       image_feat = self.image_outputs(state, 'clip_image', lambda m, x: m.encode_image(x))
-      text_fn = self._fn('clip_text', lambda m, ids, mask: m.encode_text(ids, mask))
     else:
       image_embeds, image_feat = self.image_outputs(
           state, 'image_embeds', lambda m, x: (lambda e: (e, m.image_features(e)))(m.image_embeds(x)))
-      if family == 'blip':
-        text_fn = self._fn('text_feat', lambda m, ids, mask: m.text_features(m.text_embeds(ids, mask)))
-      else:
-        text_fn = self._fn('text_feat', lambda m, ids, mask: m.text_features(ids, mask))
-    text_feat = []
-    for rows in _chunks(len(index.text_ids), self.batch):
-      padded = _padded(rows, self.batch)
-      text_feat.append(to_host(text_fn(state, index.text_ids[padded], index.text_mask[padded]))[:len(rows)])
-    text_feat = np.concatenate(text_feat)
+    text_feat = self.text_features(state, index.text_ids, index.text_mask)
     if family == 'clip':
       norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
       sim = norm(image_feat) @ norm(text_feat).T
@@ -144,6 +169,25 @@ class Evaluator:
     i2t, t2i = retrieval.rerank(sim, self.k, pair_scores)
     self.scores = {'i2t': i2t, 't2i': t2i}  # the final score matrices, kept for inspection
     return retrieval.recalls_from_both(i2t, t2i, index.img2txt, index.txt2img)
+
+  # ---------------------------------------------------------------------- zero-shot
+  def zero_shot(self, state) -> dict[str, float]:
+    """Top-1 / top-5 accuracy of classifying by cosine with prompt-ensembled class embeddings
+    (BLIP-2: the best of its query features)."""
+    zs = self.data.zero_shot
+    text_feat = self.text_features(state, zs.prompt_ids, zs.prompt_mask)
+    classes = np.asarray(ensemble_prompts(text_feat.reshape(-1, zs.num_templates, text_feat.shape[-1])))
+    if self.task.family == 'clip':
+      fn = lambda m, x: m.encode_image(x)
+    else:
+      fn = lambda m, x: m.image_features(m.image_embeds(x))
+    image_feat = self.image_outputs(state, 'zero_shot_image', fn, zs.images)
+    image_feat = image_feat / np.linalg.norm(image_feat, axis=-1, keepdims=True)
+    scores = np.einsum('...e,ce->...c', image_feat, classes)
+    if scores.ndim == 3:  # [N, queries, C]
+      scores = scores.max(1)
+    ks = [k for k in (1, 5) if k == 1 or k < len(classes)]  # top-5 of 5 classes or fewer says nothing
+    return classification.topk_accuracy(scores, zs.labels, ks)
 
   # ----------------------------------------------------------------------- captions
   def captions(self, state):

@@ -24,6 +24,7 @@ from flax import nnx
 from blip_jax import model_io
 from blip_jax.data import datasets, examples as examples_lib
 from blip_jax.data.loader import BatchLoader
+from blip_jax.data.text import pre_caption
 from blip_jax.data.transforms import image_function
 from blip_jax.train import evaluation, optim, state as state_lib, tasks as tasks_lib
 from blip_jax.train.logs import MetricWriter
@@ -64,7 +65,42 @@ def _prepare_data(config, b, task, tokenizer, image_size, mesh):
     ev.examples = BatchLoader(eval_examples, eval_source, eval_image_fn, eval_batch, **common)
   if task.kind == 'vqa':
     ev.answers = evaluation.vqa_answer_list(train_examples, tokenizer)
+  zs = config.eval.zero_shot
+  if zs.dataset:
+    if task.name not in evaluation.ITC_TASKS:
+      raise ValueError(f'eval.zero_shot needs ITC features; task {task.name} has none (use one of {evaluation.ITC_TASKS})')
+    ev.zero_shot = _zero_shot_data(zs, data, tokenizer, eval_image_fn, eval_batch, common)
   return loader, ev
+
+
+def _zero_shot_data(zs, data, tokenizer, image_fn, batch_size, common) -> evaluation.ZeroShotData:
+  b = _prepared_builder({'name': zs.dataset, 'data_dir': data.get('data_dir')})
+  names = list(zs.class_names)
+  if not names:
+    label = b.info.features[zs.label_key] if zs.label_key in b.info.features else None
+    if not hasattr(label, 'names'):
+      raise ValueError(f'eval.zero_shot.class_names is needed: {b.name} feature {zs.label_key!r} has no class names')
+    names = [n.replace('_', ' ') for n in label.names]
+  bad = [t for t in zs.templates if '{}' not in t]
+  if not zs.templates or bad:
+    raise ValueError(f'eval.zero_shot.templates must each contain "{{}}" for the class name, got {list(zs.templates)}')
+  prompts = [pre_caption(t.format(n)) for n in names for t in zs.templates]
+  ids, mask = tokenizer.encode(prompts, data.text_length)
+  examples = examples_lib.classification(b, zs.split, zs.image_key, zs.label_key, zs.first_label, len(names))
+  return evaluation.ZeroShotData(BatchLoader(examples, b.as_data_source(zs.split), image_fn, batch_size, **common),
+                                 examples.columns['label'], ids, mask, len(zs.templates))
+
+
+def _prepared_builder(data):
+  """`datasets.builder(data)`, prepared by the first process alone while the others wait."""
+  if jax.process_index() == 0:
+    b = datasets.builder(data)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'dataset {data["name"]} prepared')
+  if jax.process_index() != 0:
+    b = datasets.builder(data)
+  return b
 
 
 def _model_config(config, task, tokenizer):
@@ -141,13 +177,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Train (or, with `config.eval_only`, evaluate) as `config` says; returns the final metrics."""
   os.makedirs(workdir, exist_ok=True)
   task = tasks_lib.get(config.task)
-  if jax.process_index() == 0:
-    b = datasets.builder(config.data)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices('dataset prepared')
-  if jax.process_index() != 0:
-    b = datasets.builder(config.data)
+  b = _prepared_builder(config.data)
   tokenizer = datasets.tokenizer(config.data, b)
   model_config = _model_config(config, task, tokenizer)
   image_size = model_config.vision.image_size
