@@ -208,11 +208,12 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
   return model.eval()
 
 
-def split_jit(model: nnx.Module, fn: Callable, **jit_kwargs):
+def split_jit(model: nnx.Module, fn: Callable):
   """`jax.jit(fn(model, *inputs))` as a pure function of the model's state, the project's hot
-  path (split once, merge inside jit); returns (jitted, state)."""
+  path (split once, merge inside jit; closing over the model would bake the weights into the
+  program as constants); returns (jitted, state)."""
   graphdef, state = nnx.split(model)
-  return jax.jit(lambda state, *inputs: fn(nnx.merge(graphdef, state), *inputs), **jit_kwargs), state
+  return jax.jit(lambda state, *inputs: fn(nnx.merge(graphdef, state), *inputs)), state
 
 
 def image_batch(batch: int, size: int, seed: int = 1):
