@@ -1,0 +1,652 @@
+"""blip_jax against its PyTorch references, same random weights on both sides (issue #9).
+
+    python benchmarks/run.py --quick                       # 2 layers, small batches: minutes on 2 cores
+    python benchmarks/run.py --out results.json            # the full sizes
+    python benchmarks/run.py --workloads blip_vit,clip --repeats 7
+
+Each workload builds the PyTorch reference (HF transformers' BLIP / BLIP-2 classes, open_clip)
+from a config with random weights, converts its state dict with `blip_jax.convert.load_torch`
+(as the tests do), checks that both sides give the same outputs (a workload whose outputs differ
+by more than `TOL` is not timed), then times the two sides alternately after a warm-up call that
+also compiles the JAX side. Reported per workload: median seconds per call, items/s, the speed
+ratio torch_s / jax_s (> 1: blip_jax is faster), and the JAX side's GFLOP/s (FLOPs from XLA's
+cost analysis of the compiled function) as a fraction of the best fp32 matmul GFLOP/s measured
+during the run. Weights are random, so nothing is downloaded: it runs offline.
+
+On a machine shared with other work, PyTorch's OpenMP threads suffer much more than XLA's when a
+core is taken away (each parallel region waits for its slowest thread); `--torch-threads 1`
+shows how much of a gap is that.
+
+Output: an aligned table on stdout (progress on stderr); with --out a JSON list whose first
+element is {"header": {machine, versions, date, measured peaks}} and then one object per
+workload: {workload, size, jax_s, torch_s, ratio, items_per_s_jax, items_per_s_torch, gflops,
+gflops_per_s, peak_fraction, max_abs_diff} (plus "error" for a workload that failed).
+Exit status 1 when any workload failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import types
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import transformers
+from flax import nnx
+
+from blip_jax import generate, objectives
+from blip_jax.convert import load_torch
+from blip_jax.models import blip as blip_models
+from blip_jax.train import state as train_state
+from blip_jax.train import tasks as train_tasks
+
+TOL = 1e-4  # fp32 on both sides; the tests hold 1e-5 on tiny models, full-size sums drift a little more
+CORES = len(os.sched_getaffinity(0))
+CLS, SEP, DEC, ENC = 101, 102, 30522, 30523  # bert-base-uncased + BLIP's [DEC] / [ENC]
+
+
+def log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ harness
+
+
+@dataclasses.dataclass
+class Workload:
+  """One benchmark: a jitted JAX function with its arguments and a PyTorch callable that do the
+  same work on the same weights and inputs."""
+  size: str  # what is computed, in words
+  items: int  # images / texts / captions / pairs per call, for items/s
+  jax_fn: Any  # a `jax.jit`-wrapped function, called as jax_fn(*jax_args)
+  jax_args: tuple
+  torch_fn: Callable[[], Any]  # no arguments; runs under torch.inference_mode() unless `grad`
+  # (jax_out, torch_out) -> max abs difference; by default the outputs' leaves compared in order.
+  check: Callable[[Any, Any], float] | None = None
+  # For a training step: the next call's arguments from this call's output (the new state).
+  carry: Callable[[Any, tuple], tuple] | None = None
+  # FLOPs that XLA's cost analysis misses: it counts a while-loop body once, not per iteration.
+  extra_flops: Callable[[], float] | None = None
+  grad: bool = False
+
+
+def max_abs_diff(jax_out, torch_out) -> float:
+  ours, theirs = jax.tree.leaves(jax_out), jax.tree.leaves(torch_out)
+  if len(ours) != len(theirs):
+    raise ValueError(f'{len(ours)} JAX outputs against {len(theirs)} PyTorch outputs')
+  worst = 0.0
+  for a, b in zip(ours, theirs):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b.detach().numpy() if torch.is_tensor(b) else b, np.float64)
+    if a.shape != b.shape:
+      raise ValueError(f'output shapes differ: JAX {a.shape}, PyTorch {b.shape}')
+    worst = max(worst, float(np.abs(a - b).max()))
+  return worst
+
+
+def timed_alternately(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+  """Seconds per call of each function, calling them in turn `repeats` times, so that load from
+  other processes on the machine falls on both sides alike."""
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def cost_flops(compiled) -> float:
+  """FLOPs of a compiled JAX function; `cost_analysis()` is a dict or (older JAX) a list of them."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, dict):
+    cost = [cost]
+  return float(sum(c.get('flops', 0.0) for c in cost or []))
+
+
+def measure_peaks(peaks: dict[str, float], n: int = 2048, tries: int = 3) -> dict[str, float]:
+  """Best GFLOP/s of an n x n float32 matmul in JAX and in PyTorch, kept in `peaks` as the best
+  seen so far: called before every workload, so that a moment of load from other processes does
+  not set the machine's peak (and the fractions of it) for the whole run."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  jax_mm = jax.jit(jnp.matmul)
+  t = torch.randn(n, n)
+  jax_mm(a, a).block_until_ready()
+  with torch.inference_mode():
+    torch.mm(t, t)
+    times = timed_alternately({'jax': lambda: jax_mm(a, a).block_until_ready(), 'torch': lambda: torch.mm(t, t)},
+                              tries)
+  for name, ts in times.items():
+    peaks[name] = max(peaks.get(name, 0.0), 2 * n ** 3 / min(ts) / 1e9)
+  return peaks
+
+
+def runners(w: Workload):
+  """The workload's JAX call (compiled ahead of time: that gives the cost analysis and keeps
+  compilation out of every timing) and its PyTorch call. Returns (run_jax, run_torch, compiled)."""
+  compiled = w.jax_fn.lower(*w.jax_args).compile()
+  args = [w.jax_args]
+
+  def run_jax():
+    out = jax.block_until_ready(compiled(*args[0]))
+    if w.carry:
+      args[0] = w.carry(out, args[0])
+    return out
+
+  def run_torch():
+    with contextlib.nullcontext() if w.grad else torch.inference_mode():
+      return w.torch_fn()
+
+  return run_jax, run_torch, compiled
+
+
+def first_diff(w: Workload, run_jax, run_torch) -> float:
+  """Max abs difference of the two sides' outputs on their first calls, which also warm them up
+  (allocations, PyTorch's one-off work)."""
+  return (w.check or max_abs_diff)(run_jax(), run_torch())
+
+
+def run_workload(name: str, scale: str, repeats: int, peaks: dict[str, float]) -> dict:
+  log(f'[{name}] building the PyTorch model and converting it')
+  w = WORKLOADS[name](scale)
+  row = {'workload': name, 'size': w.size}
+  start = time.perf_counter()
+  run_jax, run_torch, compiled = runners(w)
+  flops = cost_flops(compiled) + (w.extra_flops() if w.extra_flops else 0.0)
+  log(f'[{name}] compiled in {time.perf_counter() - start:.1f} s, {flops / 1e9:.1f} GFLOP per call')
+  diff = row['max_abs_diff'] = first_diff(w, run_jax, run_torch)
+  log(f'[{name}] max abs diff JAX vs PyTorch: {diff:.3g}')
+  if not diff <= TOL:
+    row['error'] = f'outputs differ: max abs diff {diff:.3g} > {TOL}'
+    log(f'[{name}] NOT TIMED: {row["error"]}')
+    return row
+  measure_peaks(peaks)
+  times = timed_alternately({'jax': run_jax, 'torch': run_torch}, repeats)
+  jax_s, torch_s = statistics.median(times['jax']), statistics.median(times['torch'])
+  row.update(jax_s=jax_s, torch_s=torch_s, ratio=torch_s / jax_s, items_per_s_jax=w.items / jax_s,
+             items_per_s_torch=w.items / torch_s, gflops=flops / 1e9, gflops_per_s=flops / jax_s / 1e9)
+  log(f'[{name}] jax {jax_s:.3f} s, torch {torch_s:.3f} s (medians of {repeats})')
+  return row
+
+
+# -------------------------------------------------------------------------- shared pieces
+
+
+SCALES = ('full', 'quick', 'tiny')
+
+
+def pick(scale: str, full, quick, tiny):
+  """The value for `scale`: 'full' (the issue's sizes), 'quick' (the real widths with 2 layers
+  and small batches: minutes on 2 cores) or 'tiny' (1 layer, tiny images: checks the wiring)."""
+  return {'full': full, 'quick': quick, 'tiny': tiny}[scale]
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+  """The model in eval mode with a little noise on every tensor: the libraries' own
+  initialisation leaves biases at 0 and norms at 1, so the output check would not see a bias
+  that one side drops; 0.02 keeps activations at their usual scale. Tied tensors stay tied."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn(p.shape, generator=g) * 0.02)
+  return model.eval()
+
+
+def split_jit(model: nnx.Module, fn: Callable):
+  """`jax.jit(fn(model, *inputs))` as a pure function of the model's state, the project's hot
+  path (split once, merge inside jit; closing over the model would bake the weights into the
+  program as constants); returns (jitted, state)."""
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda state, *inputs: fn(nnx.merge(graphdef, state), *inputs)), state
+
+
+def image_batch(batch: int, size: int, seed: int = 1):
+  """Normalised-looking random images: torch NCHW and the same pixels as numpy NHWC."""
+  x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+  return x, x.permute(0, 2, 3, 1).numpy()
+
+
+def token_batch(batch: int, length: int, *, first: int, end: int, vocab: tuple[int, int], seed: int = 2):
+  """ids [B, T] `first ... end` then padding (0), of random lengths (the first row full), and
+  their mask, as numpy int32."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(*vocab, size=(batch, length))
+  lengths = rng.integers(length // 2, length + 1, size=batch)
+  lengths[0] = length
+  ids[:, 0] = first
+  ids[np.arange(batch), lengths - 1] = end
+  mask = np.arange(length)[None] < lengths[:, None]
+  return np.where(mask, ids, 0).astype(np.int32), mask.astype(np.int32)
+
+
+def blip_hf(cls, scale: str, image_size: int):
+  """An HF BLIP model of BLIP's real shapes (ViT-B/16, BERT-base with 12 heads; fewer layers
+  below full scale) with random weights, and the blip_jax model converted from it."""
+  layers = pick(scale, 12, 2, 1)
+  config = transformers.BlipConfig(
+      vision_config=dict(image_size=image_size, patch_size=16, num_hidden_layers=layers,
+                         layer_norm_eps=1e-6),  # BLIP's ViT eps (HF's default is 1e-5)
+      text_config=dict(num_hidden_layers=layers, num_attention_heads=12))
+  torch.manual_seed(0)
+  hf = randomized(cls(config))
+  hf.tie_weights()
+  task = {transformers.BlipForImageTextRetrieval: 'retrieval',
+          transformers.BlipForConditionalGeneration: 'caption'}[cls]
+  model, _, _ = load_torch(hf.state_dict(), task=task)
+  return hf, model, layers
+
+
+def blip_texts(batch: int):
+  return token_batch(batch, 35, first=CLS, end=SEP, vocab=(1000, 30000))  # BLIP retrieval: 35 tokens
+
+
+# -------------------------------------------------------------------------------- workloads
+
+
+def blip_vit(scale: str) -> Workload:
+  batch, size = pick(scale, (8, 384), (2, 224), (2, 32))
+  hf, model, layers = blip_hf(transformers.BlipForImageTextRetrieval, scale, size)
+  x, x_nhwc = image_batch(batch, size)
+  fn, state = split_jit(model, lambda m, images: m.image_embeds(images))
+  return Workload(f'ViT-B/16 x{layers} layers, {size}px, batch {batch}', batch, fn, (state, x_nhwc),
+                  lambda: hf.vision_model(pixel_values=x).last_hidden_state)
+
+
+def blip_text_itm(scale: str) -> Workload:
+  """Text features (ITC) and ITM logits of `batch` captions against precomputed image states,
+  the work of ranking captions for images (retrieval's re-ranking step)."""
+  batch, size = pick(scale, (32, 384), (4, 224), (2, 32))
+  hf, model, layers = blip_hf(transformers.BlipForImageTextRetrieval, scale, size)
+  ids, mask = blip_texts(batch)
+  tokens = (size // 16) ** 2 + 1
+  image_states = np.random.default_rng(3).standard_normal((batch, tokens, 768)).astype(np.float32)
+
+  def ours(m, image_states, ids, mask):
+    return m.text_features(m.text_embeds(ids, mask)), m.itm_logits(image_states, ids, mask)
+
+  t_ids, t_mask, t_states = torch.from_numpy(ids).long(), torch.from_numpy(mask).long(), torch.from_numpy(image_states)
+  enc_ids = t_ids.clone()
+  enc_ids[:, 0] = ENC  # the HF class leaves the multimodal encoder's first token to the caller
+
+  def theirs():
+    text = hf.text_encoder(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
+    joint = hf.text_encoder(input_ids=enc_ids, attention_mask=t_mask, encoder_hidden_states=t_states).last_hidden_state
+    return torch.nn.functional.normalize(hf.text_proj(text[:, 0]), dim=-1), hf.itm_head(joint[:, 0])
+
+  fn, state = split_jit(model, ours)
+  return Workload(f'BERT-base x{layers} layers, 35 tokens, {tokens} image tokens, batch {batch}', batch, fn,
+                  (state, image_states, ids, mask), theirs)
+
+
+def _bench_retrieval_loss(model, batch, rng, alpha):
+  """Retrieval fine-tuning's ITC + ITM (hard negatives) without the momentum encoders and queues,
+  which HF's BLIP does not have: in-batch ITC over `itc_logits` and the project's ITM loss. The
+  negatives come with the batch (drawn once outside) so both sides score the same pairs."""
+  ids, mask = batch['text_ids'], batch['text_mask']
+  image_embeds = model.image_embeds(batch['image'])
+  logits = model.itc_logits(model.image_features(image_embeds), model.text_features(model.text_embeds(ids, mask)))
+  targets = jnp.eye(logits.shape[0])
+  itc = (objectives.soft_cross_entropy(logits, targets) + objectives.soft_cross_entropy(logits.T, targets)) / 2
+  itm, _ = objectives.itm_loss_with_negatives(model.itm_logits, image_embeds, ids, mask, batch['neg_image'],
+                                              batch['neg_text'])
+  return itc + itm, {'itc': itc, 'itm': itm}
+
+
+class TorchRetrievalStep:
+  """The same step over HF's modules: forward, ITC + ITM loss, backward, AdamW. The temperature
+  (not in HF's class) is a parameter as in BLIP, clamped to [0.001, 0.5] when used and after
+  each step."""
+
+  def __init__(self, hf, lr: float, weight_decay: float):
+    self.hf = hf
+    self.temp = torch.nn.Parameter(torch.tensor(0.07))
+    self.opt = torch.optim.AdamW([*hf.parameters(), self.temp], lr=lr, weight_decay=weight_decay)
+
+  def __call__(self, images, ids, mask, neg_image, neg_text):
+    hf, b = self.hf, ids.shape[0]
+    image_embeds = hf.vision_model(pixel_values=images).last_hidden_state
+    image_feat = torch.nn.functional.normalize(hf.vision_proj(image_embeds[:, 0]), dim=-1)
+    text = hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    text_feat = torch.nn.functional.normalize(hf.text_proj(text[:, 0]), dim=-1)
+    logits = image_feat @ text_feat.T / self.temp.clamp(0.001, 0.5)
+    targets = torch.arange(b)
+    itc = (torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.T, targets)) / 2
+    enc_ids = ids.clone()
+    enc_ids[:, 0] = ENC
+    joint = hf.text_encoder(input_ids=torch.cat([enc_ids, enc_ids, enc_ids[neg_text]]),
+                            attention_mask=torch.cat([mask, mask, mask[neg_text]]),
+                            encoder_hidden_states=torch.cat([image_embeds, image_embeds[neg_image], image_embeds]),
+                            ).last_hidden_state
+    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)])
+    itm = torch.nn.functional.cross_entropy(hf.itm_head(joint[:, 0]), labels)
+    loss = itc + itm
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    self.opt.step()
+    with torch.no_grad():
+      self.temp.clamp_(0.001, 0.5)
+    return loss.detach()
+
+
+def blip_train(scale: str) -> Workload:
+  """One retrieval fine-tuning step through the project's `Trainer` (its jitted, donated step)."""
+  batch, size = pick(scale, (8, 384), (2, 224), (2, 32))
+  lr, weight_decay = 1e-5, 0.05  # BLIP's COCO retrieval fine-tuning
+  hf, model, layers = blip_hf(transformers.BlipForImageTextRetrieval, scale, size)
+  x, x_nhwc = image_batch(batch, size)
+  ids, mask = blip_texts(batch)
+  rng = np.random.default_rng(4)  # a negative is never the positive: shift by 1..B-1
+  neg_image = ((np.arange(batch) + rng.integers(1, batch, batch)) % batch).astype(np.int32)
+  neg_text = ((np.arange(batch) + rng.integers(1, batch, batch)) % batch).astype(np.int32)
+  # Dropout is off on both sides (the models as built): the outputs must be comparable.
+  task = train_tasks.Task('bench_retrieval', 'blip', 'retrieval', 'pairs', _bench_retrieval_loss)
+  # Weight decay on every parameter on both sides: the project's no-decay list matches its own
+  # parameter names, which differ from HF's.
+  trainer = train_state.Trainer(task, lambda: blip_models.build('retrieval', model.config),
+                                optax.adamw(lr, weight_decay=weight_decay), train_state.make_mesh())
+  state = trainer.with_model(trainer.init(), model)
+  data = {'image': x_nhwc, 'text_ids': ids, 'text_mask': mask, 'neg_image': neg_image, 'neg_text': neg_text}
+  step = TorchRetrievalStep(hf, lr, weight_decay)
+  t_args = (x, torch.from_numpy(ids).long(), torch.from_numpy(mask).long(), torch.from_numpy(neg_image).long(),
+            torch.from_numpy(neg_text).long())
+
+  def check(jax_out, loss):
+    """The loss of the first step and every parameter after it (HF's weights converted again)."""
+    new_state, metrics = jax_out
+    after, _, _ = load_torch(hf.state_dict(), task='retrieval')
+    ours = [(jax.tree_util.keystr(path), leaf) for path, leaf in
+            jax.tree_util.tree_leaves_with_path(nnx.state(trainer.model(new_state), nnx.Param))]
+    theirs = jax.tree.leaves(nnx.state(after, nnx.Param))
+    keep = [i for i, (path, _) in enumerate(ours) if 'temp' not in path]  # HF has no temp
+    return max(max_abs_diff(metrics['loss'], loss),
+               max_abs_diff([ours[i][1] for i in keep], [theirs[i] for i in keep]))
+
+  return Workload(f'ITC+ITM step, ViT-B/16 x{layers} + BERT x{layers}, {size}px, batch {batch}', batch,
+                  trainer.step_fn, (state, data), lambda: step(*t_args), check=check,
+                  carry=lambda out, args: (out[0], args[1]), grad=True)
+
+
+def decode_step_flops(model, decoder_of, condition, images, prompt_rows: int, max_length: int) -> float:
+  """FLOPs of one decoding step (one token for each of `prompt_rows` sequences against the full
+  cache), from the cost analysis of that step compiled alone."""
+  graphdef, state = nnx.split(model)
+
+  def states(state, images):
+    return condition(nnx.merge(graphdef, state), images)
+
+  spec = jax.eval_shape(states, state, images)
+  spec = jax.ShapeDtypeStruct((prompt_rows, *spec.shape[1:]), spec.dtype)  # beams repeat the rows
+  cache = jax.eval_shape(lambda state, s: decoder_of(nnx.merge(graphdef, state)).init_cache(prompt_rows, max_length, s),
+                         state, spec)
+  slots = jnp.ones((prompt_rows, max_length), jnp.int32)
+  step = jax.jit(lambda state, ids, cache: decoder_of(nnx.merge(graphdef, state)).decode(ids, slots, cache))
+  return cost_flops(step.lower(state, jax.ShapeDtypeStruct((prompt_rows, 1), jnp.int32), cache).compile())
+
+
+def decoding(model, decoder_of, condition, search, x_nhwc, prompt, *, rows: int, max_length: int,
+             torch_fn, size: str) -> Workload:
+  """Image -> tokens under one jit: `search(decoder, condition(model, images), prompt)`. The
+  minimum length equals the maximum, so every sequence runs all steps on both sides."""
+  fn, state = split_jit(model, lambda m, images, prompt: search(decoder_of(m), condition(m, images), prompt))
+  steps = max_length - prompt.shape[1]  # while-loop iterations: one decode each
+  extra = lambda: (steps - 1) * decode_step_flops(model, decoder_of, condition, x_nhwc, rows, max_length)
+  return Workload(size, prompt.shape[0], fn, (state, x_nhwc, prompt), torch_fn, extra_flops=extra)
+
+
+def blip_caption(scale: str) -> Workload:
+  """Beam search (3 beams) for 20 tokens after BLIP's prompt 'a picture of'."""
+  batch, size = pick(scale, (4, 384), (2, 224), (2, 32))
+  beams, new = 3, 20
+  hf, model, layers = blip_hf(transformers.BlipForConditionalGeneration, scale, size)
+  x, x_nhwc = image_batch(batch, size)
+  words = [1037, 3861, 1997]  # a picture of
+  prompt = np.asarray([[DEC, *words]] * batch, np.int32)
+  max_length = prompt.shape[1] + new
+  search = functools.partial(generate.beam_search, num_beams=beams, max_length=max_length, min_length=max_length,
+                             eos_token_id=SEP, pad_token_id=0)
+  hf_ids = torch.tensor([[CLS, *words, SEP]] * batch)  # HF swaps in [DEC] and drops the last token
+
+  def theirs():
+    return hf.generate(pixel_values=x, input_ids=hf_ids, num_beams=beams, do_sample=False, max_length=max_length,
+                       min_length=max_length, length_penalty=1.0)
+
+  return decoding(model, lambda m: m.text_decoder, lambda m, images: m.image_embeds(images),
+                  lambda *a: search(*a)[0][:, 0], x_nhwc, prompt, rows=batch * beams, max_length=max_length,
+                  torch_fn=theirs, size=f'ViT-B/16 x{layers} + decoder x{layers}, {size}px, '
+                                        f'{beams} beams x {new} tokens, batch {batch}')
+
+
+def blip2_hf(cls, scale: str, **config):
+  """An HF BLIP-2 model with the real Q-Former (BERT-base, 32 queries, cross-attention every 2nd
+  layer) reading ViT-g-wide image states. The ViT-g itself (1B parameters) is cut to one layer:
+  the Q-Former workload skips it and the captioning one counts it once per caption."""
+  layers = pick(scale, 12, 2, 1)
+  hf_config = transformers.Blip2Config(
+      vision_config=dict(num_hidden_layers=1, layer_norm_eps=1e-6, image_size=pick(scale, 224, 224, 28)),
+      qformer_config=dict(num_hidden_layers=layers, use_qformer_text_input=cls is transformers.Blip2ForImageTextRetrieval),
+      **config)
+  torch.manual_seed(0)
+  hf = randomized(cls(hf_config))
+  with torch.no_grad():  # EVA has no key bias: the middle third of HF's fused qkv bias stays 0
+    for layer in hf.vision_model.encoder.layers:
+      width = layer.self_attn.qkv.bias.shape[0] // 3
+      layer.self_attn.qkv.bias[width:2 * width] = 0
+  hf.tie_weights()
+  # The converter infers the cross-attention period from the spacing of the cross-attention
+  # layers, which one cross-attention layer (1 or 2 layers) does not show: it is stated.
+  model, _, _ = load_torch(hf.state_dict(), task='blip2', vision={'ln_eps': 1e-6}, ln_vision_eps=1e-6,
+                           qformer={'cross_attention_freq': hf_config.qformer_config.cross_attention_frequency})
+  return hf, model, layers
+
+
+def blip2_qformer(scale: str) -> Workload:
+  """ITC image features [B, 32, 256] from precomputed ViT-g states (ln_vision applied)."""
+  batch = pick(scale, 32, 4, 2)
+  hf, model, layers = blip2_hf(transformers.Blip2ForImageTextRetrieval, scale)
+  states = np.random.default_rng(5).standard_normal((batch, 257, 1408)).astype(np.float32)
+  t_states = torch.from_numpy(states)
+
+  def theirs():
+    queries = hf.qformer(query_embeds=hf.query_tokens.expand(batch, -1, -1), encoder_hidden_states=t_states)
+    return torch.nn.functional.normalize(hf.vision_projection(queries.last_hidden_state), dim=-1)
+
+  fn, state = split_jit(model, lambda m, s: m.image_features(s))
+  return Workload(f'Q-Former x{layers} layers, 32 queries, 257x1408 image states, batch {batch}', batch, fn,
+                  (state, states), theirs)
+
+
+def blip2_opt(scale: str) -> Workload:
+  """Greedy captioning with an OPT-125m-sized LLM: one-layer ViT-g, Q-Former, 20 tokens."""
+  batch, new = pick(scale, 4, 2, 2), 20
+  opt_layers = pick(scale, 12, 2, 1)
+  image_token = 50265  # the `<image>` placeholder HF's BLIP-2 processor adds after OPT's vocabulary
+  hf, model, layers = blip2_hf(transformers.Blip2ForConditionalGeneration, scale, image_token_index=image_token,
+                               text_config=dict(model_type='opt', num_hidden_layers=opt_layers))
+  queries = hf.config.num_query_tokens
+  size = hf.config.vision_config.image_size
+  x, x_nhwc = image_batch(batch, size)
+  bos, pad = 2, 1  # OPT's `</s>` starts and ends a text
+  prompt = np.full((batch, 1), bos, np.int32)
+  max_length = 1 + new
+  search = functools.partial(generate.greedy, max_length=max_length, min_length=max_length, eos_token_id=bos,
+                             pad_token_id=pad)
+  hf_ids = torch.tensor([[image_token] * queries + [bos]] * batch)
+
+  def theirs():  # HF counts the query placeholders in the lengths
+    return hf.generate(pixel_values=x, input_ids=hf_ids, num_beams=1, do_sample=False,
+                       max_length=queries + max_length, min_length=queries + max_length)[:, queries:]
+
+  return decoding(model, lambda m: m.decoder, lambda m, images: m.prefix(m.image_embeds(images)), search, x_nhwc,
+                  prompt, rows=batch, max_length=max_length, torch_fn=theirs,
+                  size=f'ViT-g x1 + Q-Former x{layers} + OPT-125m x{opt_layers}, {size}px, greedy {new} tokens, '
+                       f'batch {batch}')
+
+
+@contextlib.contextmanager
+def _torchvision_stand_in():
+  """open_clip imports torchvision for names (image transforms, FrozenBatchNorm2d) that a ViT
+  CLIP never calls, and PyPI's torchvision does not load beside the CPU torch wheel. Modules
+  that answer any name with a placeholder class stand in while `import open_clip` runs and are
+  removed afterwards, so transformers' torchvision probes still find nothing."""
+
+  class Placeholder(type):
+    def __getattr__(cls, name):  # InterpolationMode.BICUBIC and the like
+      if name.startswith('__'):
+        raise AttributeError(name)
+      return Placeholder(name, (), {})
+
+  class StandIn(types.ModuleType):
+    def __getattr__(self, name):
+      if name.startswith('__'):
+        raise AttributeError(name)
+      return Placeholder(name, (), {})
+
+  names = ['torchvision', 'torchvision.transforms', 'torchvision.transforms.functional', 'torchvision.ops',
+           'torchvision.ops.misc']
+  sys.modules.update({name: StandIn(name) for name in names})
+  try:
+    yield
+  finally:
+    for name in names:
+      sys.modules.pop(name, None)
+
+
+def import_open_clip():
+  try:
+    import open_clip
+  except ModuleNotFoundError as e:
+    if not (e.name or '').startswith('torchvision'):
+      raise
+    with _torchvision_stand_in():
+      import open_clip
+  return open_clip
+
+
+def clip(scale: str) -> Workload:
+  """open_clip ViT-B-16 (GELU): image features of `batch` images and text features of `batch`
+  77-token texts."""
+  open_clip = import_open_clip()
+  batch, size = pick(scale, (16, 224), (2, 224), (2, 32))
+  layers = pick(scale, 12, 2, 1)
+  name = 'ViT-B-16'
+  if scale != 'full':  # ViT-B-16's widths with fewer layers, registered as open_clip's own configs are
+    folder = tempfile.mkdtemp(prefix='blip_jax_bench_')
+    cfg = dict(embed_dim=512, vision_cfg=dict(image_size=size, layers=layers, width=768, patch_size=16),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=layers))
+    name = f'blip-jax-bench-ViT-B-16-{scale}'
+    with open(os.path.join(folder, name + '.json'), 'w') as f:
+      json.dump(cfg, f)
+    open_clip.add_model_config(folder)
+  torch.manual_seed(0)
+  ref = randomized(open_clip.create_model(name, pretrained=None))
+  model, _, _ = load_torch(ref.state_dict(), act='gelu')  # open_clip's non-quickgelu configs use GELU
+  x, x_nhwc = image_batch(batch, size)
+  ids, _ = token_batch(batch, 77, first=49406, end=49407, vocab=(1, 49406))  # EOT = largest id
+  t_ids = torch.from_numpy(ids).long()
+  fn, state = split_jit(model, lambda m, images, ids: (m.encode_image(images), m.encode_text(ids)))
+  return Workload(f'ViT-B/16 x{layers} + text x{layers}, {size}px, 77 tokens, batch {batch}', batch, fn,
+                  (state, x_nhwc, ids), lambda: (ref.encode_image(x), ref.encode_text(t_ids)))
+
+
+WORKLOADS = {'blip_vit': blip_vit, 'blip_text_itm': blip_text_itm, 'blip_train': blip_train,
+             'blip_caption': blip_caption, 'blip2_qformer': blip2_qformer, 'blip2_opt': blip2_opt, 'clip': clip}
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def machine_info(scale: str, repeats: int, peaks: dict[str, float]) -> dict:
+  cpu = platform.processor()
+  with contextlib.suppress(OSError):
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+  versions = {}
+  for package in ('jax', 'jaxlib', 'flax', 'torch', 'transformers', 'open_clip_torch'):
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+      versions[package] = importlib.metadata.version(package)
+  return {'cpu': cpu, 'cores': CORES, 'torch_threads': torch.get_num_threads(), 'jax_backend': jax.default_backend(),
+          'versions': versions, 'python': platform.python_version(),
+          'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+          'scale': scale, 'repeats': repeats, 'tolerance': TOL,
+          'peak_gflops_per_s_jax': peaks['jax'], 'peak_gflops_per_s_torch': peaks['torch']}
+
+
+def table(rows: list[dict]) -> str:
+  columns = [('workload', 'workload', '{}'), ('size', 'size', '{}'), ('jax_s', 'jax s', '{:.4f}'),
+             ('torch_s', 'torch s', '{:.4f}'), ('ratio', 'torch/jax', '{:.2f}'),
+             ('items_per_s_jax', 'jax items/s', '{:.2f}'), ('items_per_s_torch', 'torch items/s', '{:.2f}'),
+             ('gflops', 'GFLOP', '{:.1f}'), ('gflops_per_s', 'GFLOP/s', '{:.1f}'),
+             ('peak_fraction', 'of peak', '{:.0%}'), ('max_abs_diff', 'max diff', '{:.1e}')]
+  cells = [[title for _, title, _ in columns]]
+  for row in rows:
+    cells.append([fmt.format(row[key]) if row.get(key) is not None else '-' for key, _, fmt in columns])
+  widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+  lines = ['  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+  lines.insert(1, '-' * len(lines[0]))
+  lines += [f'{row["workload"]}: {row["error"]}' for row in rows if 'error' in row]
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--quick', action='store_true', help='reduced sizes (2 layers, small batches): --scale quick')
+  parser.add_argument('--scale', choices=SCALES, default='full',
+                      help="'tiny' (1 layer, tiny images) only checks the wiring; its timings mean little")
+  parser.add_argument('--out', help='write the results as JSON to this file')
+  parser.add_argument('--workloads', default=','.join(WORKLOADS),
+                      help=f'comma-separated subset of: {", ".join(WORKLOADS)}')
+  parser.add_argument('--repeats', type=int, help='timed calls per side (default 3 quick, 5 full)')
+  parser.add_argument('--torch-threads', type=int, default=CORES,
+                      help='PyTorch intra-op threads (default: the cores this process may use, as XLA does); '
+                           'on a machine busy with other work, OpenMP threads that wait for each other slow '
+                           'PyTorch down far more than XLA')
+  args = parser.parse_args(argv)
+  names = [n for n in args.workloads.split(',') if n]
+  unknown = [n for n in names if n not in WORKLOADS]
+  if unknown:
+    parser.error(f'unknown workload(s) {", ".join(unknown)}; expected some of {", ".join(WORKLOADS)}')
+  scale = 'quick' if args.quick else args.scale
+  repeats = args.repeats or (5 if scale == 'full' else 3)
+  torch.set_num_threads(args.torch_threads)
+  log(f'{CORES} cores, PyTorch on {args.torch_threads} threads')
+  peaks = measure_peaks({})
+  rows = []
+  for name in names:
+    try:
+      rows.append(run_workload(name, scale, repeats, peaks))
+    except Exception as e:  # one broken workload should not hide the others' numbers
+      log(f'[{name}] FAILED: {type(e).__name__}: {e}')
+      rows.append({'workload': name, 'error': f'{type(e).__name__}: {e}'})
+  log(f'fp32 matmul peak (best seen): jax {peaks["jax"]:.0f} GFLOP/s, torch {peaks["torch"]:.0f} GFLOP/s')
+  for row in rows:
+    if 'gflops_per_s' in row:
+      row['peak_fraction'] = row['gflops_per_s'] / peaks['jax']
+  header = machine_info(scale, repeats, peaks)
+  print(f'{header["cpu"]}, {CORES} cores, jax {header["versions"].get("jax")}, torch {header["versions"].get("torch")}; '
+        f'fp32 matmul peak (best of the run): jax {peaks["jax"]:.0f} GFLOP/s, torch {peaks["torch"]:.0f} GFLOP/s')
+  print(table(rows))
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump([{'header': header}, *rows], f, indent=1)
+    log(f'wrote {args.out}')
+  return 1 if any('error' in row for row in rows) else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
