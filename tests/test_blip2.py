@@ -47,6 +47,21 @@ def test_image_embeds_and_query_states(hf_and_ours):
   assert_close(model.query_states(embeds), queries, 'query states')
 
 
+@pytest.mark.parametrize('layers,freq', [(2, 2), (1, 1), (4, 3)])
+def test_cross_attention_period_read_from_the_weights(tmp_path, layers, freq):
+  """Cross-attention in layers 0, freq, 2 freq, ...: one cross-attention layer (0) among
+  several says nothing of the spacing, only that it is at least the layer count."""
+  hf = hf_blip2_retrieval(num_hidden_layers=layers, cross_attention_frequency=freq)
+  hf.save_pretrained(tmp_path)
+  model, cfg, _ = load_torch(tmp_path, bos_token_id=1)
+  assert [i for i in range(layers) if i % cfg.qformer.cross_attention_freq == 0] == list(range(0, layers, freq))
+  x = images(size=28)
+  with torch.no_grad():
+    vision = hf.vision_model(x).last_hidden_state
+    queries = hf.qformer(query_embeds=hf.query_tokens.expand(2, -1, -1), encoder_hidden_states=vision).last_hidden_state
+  assert_close(model.query_states(model.image_embeds(nhwc(x))), queries, 'query states')
+
+
 def test_itc_similarity_is_max_over_queries(hf_and_ours):
   hf, model, _, _ = hf_and_ours
   x = images(size=28)

@@ -95,13 +95,13 @@ def _zero_eva_key_bias(model):
   return model
 
 
-def hf_blip2_retrieval():
+def hf_blip2_retrieval(**qformer):
   torch.manual_seed(0)
   cfg = transformers.Blip2Config(
       vision_config=BLIP2_VISION,
-      qformer_config=dict(vocab_size=60, hidden_size=16, intermediate_size=37, num_hidden_layers=3,
-                          num_attention_heads=2, max_position_embeddings=20, cross_attention_frequency=2,
-                          encoder_hidden_size=24, use_qformer_text_input=True),
+      qformer_config={**dict(vocab_size=60, hidden_size=16, intermediate_size=37, num_hidden_layers=3,
+                             num_attention_heads=2, max_position_embeddings=20, cross_attention_frequency=2,
+                             encoder_hidden_size=24, use_qformer_text_input=True), **qformer},
       num_query_tokens=BLIP2_QUERIES, image_text_hidden_size=12)
   return _zero_eva_key_bias(randomize(transformers.Blip2ForImageTextRetrieval(cfg).eval()))
 

@@ -92,11 +92,14 @@ def infer_config(t, hf_config, bare_vit: bool, clip_vit: bool, overrides) -> bli
   hidden = t['query_tokens'].shape[-1]
   cross = sorted({int(m.group(1)) for k in keys
                   if (m := re.match(r'Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.', k))})
-  qformer = dict(hidden_size=hidden, num_heads=hidden // 64,
-                 num_layers=count_indexed(keys, r'Qformer\.bert\.encoder\.layer\.(\d+)\.'),
+  num_layers = count_indexed(keys, r'Qformer\.bert\.encoder\.layer\.(\d+)\.')
+  # Cross-attention sits in every freq-th layer from 0; a single one (0) means freq >= num_layers.
+  freq = cross[1] - cross[0] if len(cross) > 1 else max(num_layers, 1)
+  if cross != list(range(0, num_layers, freq)):
+    raise ValueError(f'Q-Former cross-attention in layers {cross} of {num_layers}: not every n-th layer from 0')
+  qformer = dict(hidden_size=hidden, num_heads=hidden // 64, num_layers=num_layers,
                  intermediate_size=t['Qformer.bert.encoder.layer.0.intermediate_query.dense.weight'].shape[0],
-                 encoder_width=width, num_query_tokens=t['query_tokens'].shape[1],
-                 cross_attention_freq=cross[1] - cross[0] if len(cross) > 1 else 1,
+                 encoder_width=width, num_query_tokens=t['query_tokens'].shape[1], cross_attention_freq=freq,
                  text_input='Qformer.bert.embeddings.word_embeddings.weight' in t)
   if qformer['text_input']:
     qformer['vocab_size'] = t['Qformer.bert.embeddings.word_embeddings.weight'].shape[0]
