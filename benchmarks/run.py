@@ -39,7 +39,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from typing import Any, Callable
 
 import jax
@@ -55,6 +54,9 @@ from blip_jax.convert import load_torch
 from blip_jax.models import blip as blip_models
 from blip_jax.train import state as train_state
 from blip_jax.train import tasks as train_tasks
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+import torch_refs  # noqa: E402  (the tests' PyTorch reference helpers)
 
 TOL = 1e-4  # fp32 on both sides; the tests hold 1e-5 on tiny models, full-size sums drift a little more
 CORES = len(os.sched_getaffinity(0))
@@ -448,10 +450,7 @@ def blip2_hf(cls, scale: str, **config):
       width = layer.self_attn.qkv.bias.shape[0] // 3
       layer.self_attn.qkv.bias[width:2 * width] = 0
   hf.tie_weights()
-  # The converter infers the cross-attention period from the spacing of the cross-attention
-  # layers, which one cross-attention layer (1 or 2 layers) does not show: it is stated.
-  model, _, _ = load_torch(hf.state_dict(), task='blip2', vision={'ln_eps': 1e-6}, ln_vision_eps=1e-6,
-                           qformer={'cross_attention_freq': hf_config.qformer_config.cross_attention_frequency})
+  model, _, _ = load_torch(hf.state_dict(), task='blip2', vision={'ln_eps': 1e-6}, ln_vision_eps=1e-6)
   return hf, model, layers
 
 
@@ -498,50 +497,10 @@ def blip2_opt(scale: str) -> Workload:
                        f'batch {batch}')
 
 
-@contextlib.contextmanager
-def _torchvision_stand_in():
-  """open_clip imports torchvision for names (image transforms, FrozenBatchNorm2d) that a ViT
-  CLIP never calls, and PyPI's torchvision does not load beside the CPU torch wheel. Modules
-  that answer any name with a placeholder class stand in while `import open_clip` runs and are
-  removed afterwards, so transformers' torchvision probes still find nothing."""
-
-  class Placeholder(type):
-    def __getattr__(cls, name):  # InterpolationMode.BICUBIC and the like
-      if name.startswith('__'):
-        raise AttributeError(name)
-      return Placeholder(name, (), {})
-
-  class StandIn(types.ModuleType):
-    def __getattr__(self, name):
-      if name.startswith('__'):
-        raise AttributeError(name)
-      return Placeholder(name, (), {})
-
-  names = ['torchvision', 'torchvision.transforms', 'torchvision.transforms.functional', 'torchvision.ops',
-           'torchvision.ops.misc']
-  sys.modules.update({name: StandIn(name) for name in names})
-  try:
-    yield
-  finally:
-    for name in names:
-      sys.modules.pop(name, None)
-
-
-def import_open_clip():
-  try:
-    import open_clip
-  except ModuleNotFoundError as e:
-    if not (e.name or '').startswith('torchvision'):
-      raise
-    with _torchvision_stand_in():
-      import open_clip
-  return open_clip
-
-
 def clip(scale: str) -> Workload:
   """open_clip ViT-B-16 (GELU): image features of `batch` images and text features of `batch`
   77-token texts."""
-  open_clip = import_open_clip()
+  open_clip = torch_refs.import_open_clip()  # without torchvision (see there)
   batch, size = pick(scale, (16, 224), (2, 224), (2, 32))
   layers = pick(scale, 12, 2, 1)
   name = 'ViT-B-16'

@@ -1,18 +1,8 @@
-"""CLIP against the `open_clip` package itself (random weights, fp32, offline).
+"""CLIP against the `open_clip` package itself (random weights, fp32, offline); see
+`torch_refs.import_open_clip` for how it imports without torchvision."""
 
-open_clip needs torchvision at import time only for names (its image transforms and
-`FrozenBatchNorm2d`), none of which building a ViT CLIP uses, and PyPI's torchvision does not
-load beside the CPU torch this project tests with. So a bare stand-in sits in `sys.modules` while
-`import open_clip` runs and is removed afterwards: transformers probes for torchvision with
-`importlib.util.find_spec` and must not find it.
-"""
-
-import contextlib
-import enum
 import json
 import socket
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -20,45 +10,10 @@ import safetensors.torch
 import torch
 
 from blip_jax.convert import load_torch
-from torch_refs import assert_close, images, nhwc, randomize
+from torch_refs import assert_close, images, import_open_clip, nhwc, randomize
 
 
-@contextlib.contextmanager
-def _torchvision_stand_in():
-  """`torchvision` with the names open_clip imports, only inside the `with` block; yields
-  whether it stood in."""
-  if 'torchvision' in sys.modules:  # a working torchvision is already loaded: use it
-    yield False
-    return
-
-  class Unavailable:
-    def __init__(self, *args, **kwargs):
-      raise RuntimeError('torchvision is a stand-in in this test (open_clip transforms are not available)')
-
-  mods = {name: types.ModuleType(name) for name in (
-      'torchvision', 'torchvision.transforms', 'torchvision.transforms.functional', 'torchvision.ops',
-      'torchvision.ops.misc')}
-  transforms = mods['torchvision.transforms']
-  for name in ('Normalize', 'Compose', 'RandomResizedCrop', 'ToTensor', 'Resize', 'CenterCrop',
-               'ColorJitter', 'Grayscale'):
-    setattr(transforms, name, type(name, (Unavailable,), {}))
-  transforms.InterpolationMode = enum.Enum('InterpolationMode', 'NEAREST BILINEAR BICUBIC')
-  transforms.functional = mods['torchvision.transforms.functional']
-  mods['torchvision.ops.misc'].FrozenBatchNorm2d = type('FrozenBatchNorm2d', (Unavailable,), {})
-  mods['torchvision.ops'].misc = mods['torchvision.ops.misc']
-  mods['torchvision'].transforms, mods['torchvision'].ops = transforms, mods['torchvision.ops']
-  sys.modules.update(mods)
-  try:
-    yield True
-  finally:
-    for name in mods:
-      sys.modules.pop(name, None)
-
-
-with _torchvision_stand_in() as STOOD_IN:
-  import open_clip  # installed by the README's test command (pip install --no-deps open_clip_torch)
-# Nothing of the stand-in is left for transformers' torchvision probes to find.
-assert not STOOD_IN or not any(m.split('.')[0] == 'torchvision' for m in sys.modules)
+open_clip = import_open_clip()  # installed by the README's test command (pip install --no-deps open_clip_torch)
 
 HEADS = dict(vision={'num_heads': 2}, text={'num_heads': 2})
 EOS = 7  # MetaCLIP-2-style pooling id of the 'eos' config below

@@ -6,7 +6,11 @@ changes the numbers instead of cancelling out.
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import re
+import sys
+import types
 
 import numpy as np
 import torch
@@ -357,3 +361,54 @@ def eva_checkpoint(state_dict, extra_blocks=1):
     q, _, v = sd[f'{src}self_attn.qkv.bias'].chunk(3)
     eva[f'blocks.{i}.attn.q_bias'], eva[f'blocks.{i}.attn.v_bias'] = q, v
   return eva
+
+
+# ------------------------------------------------------------------------------- open_clip
+
+
+@contextlib.contextmanager
+def _torchvision_stand_in():
+  """`torchvision` with the names open_clip imports, only inside the `with` block; yields
+  whether it stood in."""
+  if 'torchvision' in sys.modules:  # a working torchvision is already loaded: use it
+    yield False
+    return
+
+  class Unavailable:
+    def __init__(self, *args, **kwargs):
+      raise RuntimeError('torchvision is a stand-in here (open_clip transforms are not available)')
+
+  mods = {name: types.ModuleType(name) for name in (
+      'torchvision', 'torchvision.transforms', 'torchvision.transforms.functional', 'torchvision.ops',
+      'torchvision.ops.misc')}
+  transforms = mods['torchvision.transforms']
+  for name in ('Normalize', 'Compose', 'RandomResizedCrop', 'ToTensor', 'Resize', 'CenterCrop',
+               'ColorJitter', 'Grayscale'):
+    setattr(transforms, name, type(name, (Unavailable,), {}))
+  transforms.InterpolationMode = enum.Enum('InterpolationMode', 'NEAREST BILINEAR BICUBIC')
+  transforms.functional = mods['torchvision.transforms.functional']
+  mods['torchvision.ops.misc'].FrozenBatchNorm2d = type('FrozenBatchNorm2d', (Unavailable,), {})
+  mods['torchvision.ops'].misc = mods['torchvision.ops.misc']
+  mods['torchvision'].transforms, mods['torchvision'].ops = transforms, mods['torchvision.ops']
+  sys.modules.update(mods)
+  try:
+    yield True
+  finally:
+    for name in mods:
+      sys.modules.pop(name, None)
+
+
+def import_open_clip():
+  """The `open_clip` module (pip install --no-deps open_clip_torch).
+
+  open_clip needs torchvision at import time only for names (its image transforms and
+  `FrozenBatchNorm2d`), none of which building a ViT CLIP uses, and PyPI's torchvision does not
+  load beside the CPU torch wheel. So a bare stand-in sits in `sys.modules` while `import
+  open_clip` runs and is removed afterwards: transformers probes for torchvision with
+  `importlib.util.find_spec` and must not find it.
+  """
+  with _torchvision_stand_in() as stood_in:
+    import open_clip
+  assert not stood_in or not any(m.split('.')[0] == 'torchvision' for m in sys.modules)
+  return open_clip
+
