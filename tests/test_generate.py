@@ -1,6 +1,7 @@
 """Decoding: greedy and beam-search captions token for token equal to HF `generate` on
 random-weight BLIP and BLIP-2 (OPT) models; the logit processors and sampling warpers equal HF's;
-sampling draws from exactly the warped distribution."""
+sampling draws from exactly the warped distribution; the Q-Former captioner's cache equals its
+uncached ITG pass."""
 
 import jax
 import jax.numpy as jnp
@@ -207,3 +208,50 @@ def test_blip2_opt_decoding_equals_hf_generate(blip2_opt, batch, prompt, num_bea
   else:
     ours = generate.beam_search(model.decoder, prefix, ids, num_beams=num_beams, **settings)[0][:, 0]
   np.testing.assert_array_equal(np.asarray(ours), _hf_filled(ref, len(text), OPT_BOS, OPT_PAD, max_length))
+
+
+@pytest.fixture(scope='module')
+def qformer_captioner(tmp_path_factory):
+  from torch_refs import hf_blip2_retrieval
+  path = tmp_path_factory.mktemp('blip2_stage1')
+  hf_blip2_retrieval().save_pretrained(path)
+  model, _, _ = load_torch(path, bos_token_id=1)  # the tiny vocabulary's [DEC]
+  return model, model.image_embeds(nhwc(images(size=28)))
+
+
+def test_qformer_decoder_cache_equals_itg_logits(qformer_captioner):
+  """Text fed a few tokens at a time through the cached decoder gives the logits of the whole
+  text under the ITG mask (checked against LAVIS's mask in test_blip2)."""
+  model, embeds = qformer_captioner
+  ids = jnp.asarray([[1, 11, 12, 13, 14, 15], [1, 16, 17, 18, 19, 20]])
+  full = model.itg_logits(embeds, ids, jnp.ones_like(ids))
+  decoder = model.decoder
+  cache = decoder.init_cache(2, 8, embeds)
+  slots = jnp.ones((2, 8), jnp.int32)
+  parts = []
+  for start, stop in ((0, 3), (3, 4), (4, 6)):
+    logits, cache = decoder.decode(ids[:, start:stop], slots, cache)
+    parts.append(logits)
+  np.testing.assert_allclose(np.concatenate(parts, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize('repetition_penalty', [1.0, 1.5])
+def test_qformer_captions_greedy_equals_rerunning_itg_each_step(qformer_captioner, repetition_penalty):
+  """Greedy Q-Former captions (LAVIS `Blip2Qformer.generate`) equal picking each token from the
+  ITG logits of the whole text so far, recomputed at every step without a cache."""
+  model, embeds = qformer_captioner
+  max_length, eos = 9, 3
+  prompt = jnp.asarray([[1, 11], [1, 11]])
+  ours = generate.greedy(model.decoder, embeds, prompt, max_length=max_length, min_length=4, eos_token_id=eos,
+                         pad_token_id=0, repetition_penalty=repetition_penalty)
+  ref = np.asarray(prompt)
+  done = np.zeros(2, bool)
+  while ref.shape[1] < max_length and not done.all():
+    logits = model.itg_logits(embeds, jnp.asarray(ref), jnp.ones(ref.shape, jnp.int32))[:, -1]
+    logits = generate.process_logits(logits, jnp.asarray(ref), ref.shape[1], min_length=4, eos_token_id=eos,
+                                     repetition_penalty=repetition_penalty)
+    token = np.where(done, 0, np.asarray(logits).argmax(-1))
+    done |= token == eos
+    ref = np.concatenate([ref, token[:, None]], 1)
+  ref = np.pad(ref, ((0, 0), (0, max_length - ref.shape[1])))
+  np.testing.assert_array_equal(np.asarray(ours), ref)

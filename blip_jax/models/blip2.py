@@ -104,6 +104,12 @@ class Blip2Qformer(_Blip2Base):
                                causal_text=True)
     return self.Qformer.lm_logits(states[:, queries.shape[1]:])
 
+  @property
+  def decoder(self) -> 'QFormerDecoder':
+    """The Q-Former as an image-grounded text decoder (ITG) for `blip_jax.generate`, conditioned
+    on `image_embeds(...)`; its prompts start with `[DEC]` (`config.bos_token_id`)."""
+    return QFormerDecoder(self)
+
   def itg_loss(self, image_embeds, input_ids, attention_mask):
     """ITG loss: label-smoothed LM loss on the text, pads ignored."""
     labels = jnp.where(jnp.asarray(attention_mask) == 0, -100, input_ids)
@@ -172,6 +178,50 @@ class PrefixDecoder:
     mask = jnp.concatenate([jnp.ones((attention_mask.shape[0], prefix_length), attention_mask.dtype),
                             attention_mask], axis=1)
     return self.opt_model.decode(input_ids, mask, cache)
+
+
+class QFormerDecoder:
+  """Blip2Qformer's ITG captioner in the decoder interface of `blip_jax.generate`.
+
+  Under the ITG mask the queries see only queries, so their keys/values in every layer do not
+  depend on the text: `init_cache` runs the queries (with their cross-attention to the image)
+  once and keeps those keys/values in front of `max_length` text slots. `decode` then runs text
+  tokens only (self-attention over the queries and earlier text, the text FFN), exactly what
+  `itg_logits` computes for the whole text at once.
+  """
+
+  def __init__(self, model: Blip2Qformer):
+    self.model = model
+    self.bert = model.Qformer.bert
+
+  def init_cache(self, batch_size: int, max_length: int, image_embeds):
+    queries = self.bert.embeddings(self.model._queries(batch_size))
+    num_query = queries.shape[1]
+    bias = layers.mask_to_bias(jnp.ones((batch_size, num_query), bool))
+    cached = []
+    for layer in self.bert.encoder.layer:
+      k, v = layer.attention.self.key_value(queries)
+      slots = jnp.zeros((batch_size, max_length, *k.shape[2:]), k.dtype)
+      cached.append({'k': jnp.concatenate([k, slots], 1), 'v': jnp.concatenate([v, slots], 1)})
+      queries = layer(queries, bias, num_query, image_embeds)
+    return {'index': jnp.array(0, jnp.int32), 'layers': cached}
+
+  def decode(self, input_ids, attention_mask, cache):
+    """Logits [B, T, V] of T new text tokens and the updated cache; `attention_mask` [B, max_length]
+    marks the text slots holding real tokens."""
+    index = cache['index']
+    num_query = cache['layers'][0]['k'].shape[1] - attention_mask.shape[1]
+    emb = self.bert.embeddings
+    text = emb.word_embeddings(input_ids)
+    x = emb.LayerNorm(text + emb.position_embeddings(index + jnp.arange(text.shape[1]))[None].astype(text.dtype))
+    slots = jnp.concatenate([jnp.ones((attention_mask.shape[0], num_query), attention_mask.dtype), attention_mask], 1)
+    bias = layers.cached_causal_bias(slots, num_query + index, x.shape[1])
+    new_layers = []
+    for layer, layer_cache in zip(self.bert.encoder.layer, cache['layers']):
+      x, layer_cache = layer.attention(x, bias, cache=layer_cache, cache_index=num_query + index)
+      x = layer.output(layer.intermediate(x), x)
+      new_layers.append(layer_cache)
+    return self.model.Qformer.lm_logits(x), {'index': index + x.shape[1], 'layers': new_layers}
 
 
 def build(cfg: Blip2Config, *, seed: int = 0) -> Blip2Qformer | Blip2OPT:
