@@ -7,15 +7,17 @@
             --index FILE.npz --query TEXT (or --image-query IMAGE): the --top best images
   vqa       answers to --question by generation (beam 3, at most 10 tokens), or, with
             --answers FILE (one answer per line), the best-ranked answer of the list
-  classify  zero-shot over --classes a,b,c with prompt --template(s): BLIP ITC or CLIP
+  classify  zero-shot over --classes a,b,c with prompt --template(s): BLIP / BLIP-2 ITC or CLIP
 
 IMAGES are image files, folders (their images, sorted) or @list.txt (one path per line). An input
 that is missing or not an image is reported on stderr and skipped; the others are processed.
 Output: an aligned table, or one JSON object per line with --json.
 
-The checkpoint is a converted or trained directory (`blip_jax.load`). Text goes through its
-tokenizer: `vocab.txt` in the directory (train.py puts it there), or --vocab (a bert-base-uncased
-folder or vocab.txt) for BLIP, --tokenizer (an HF tokenizer folder) for CLIP. Images are batched
+The checkpoint is a converted or trained directory (`blip_jax.load`): BLIP, BLIP-2 (stage 1:
+caption with the Q-Former, itm, retrieve, classify; stage 2 with OPT: caption) or CLIP. Text goes
+through its tokenizer: `vocab.txt` in the directory (train.py puts it there), or --vocab (a
+bert-base-uncased folder or vocab.txt) for BLIP and BLIP-2 stage 1, --tokenizer (an HF tokenizer
+folder) for CLIP and for BLIP-2 with OPT (the OPT tokenizer). Images are batched
 (--batch-size, the last batch padded, so every batch has one shape) and each model function is
 compiled once.
 """
@@ -23,9 +25,11 @@ compiled once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +39,8 @@ from flax import nnx
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 BLIP_TEXT_LENGTH = 35  # the originals' retrieval / ITM / question length
+BLIP2_TEXT_LENGTH = 32  # LAVIS Blip2Qformer.max_txt_len
+DEFAULT_PROMPTS = {'blip': 'a picture of ', 'blip2': ''}  # BLIP's caption prompt; LAVIS BLIP-2 uses none
 DEFAULT_TEMPLATES = ('a picture of a {}.',)
 
 
@@ -130,28 +136,39 @@ class Predictor:
     self.graphdef, self.state = nnx.split(model)
     self.model = model
     self.image_size = self.config.vision.image_size
+    self.with_opt = getattr(self.config, 'opt', None) is not None  # BLIP-2 stage 2
     self.transform = 'clip_eval' if self.family in ('clip', 'chinese_clip') else 'blip_eval'
     self.tokenizer = self._tokenizer(checkpoint, vocab, tokenizer)
     self._jitted = {}
 
   def _tokenizer(self, checkpoint, vocab, tokenizer):
-    if self.family not in ('blip', 'clip', 'chinese_clip'):
-      raise InputError(f'{self.family} checkpoints are not served by blip_jax.predict yet; use the Python API '
-                       '(README: BLIP-2)')
-    if tokenizer:  # CLIP: CLIPTokenizer (vocab.json + merges.txt); Chinese-CLIP: BertTokenizer
+    if self.family not in ('blip', 'blip2', 'clip', 'chinese_clip'):
+      raise InputError(f'{self.family} checkpoints are not served by blip_jax.predict; use the Python API')
+    if tokenizer:  # CLIP: CLIPTokenizer; Chinese-CLIP: BertTokenizer; BLIP-2 stage 2: OPT's GPT-2 BPE
       import transformers
       return transformers.AutoTokenizer.from_pretrained(tokenizer)
+    if self.with_opt:
+      raise InputError(f'{checkpoint} is BLIP-2 with OPT: pass --tokenizer (a local OPT tokenizer folder, '
+                       'e.g. facebook/opt-2.7b)')
     from blip_jax.data.tokenizer import BlipTokenizer
     vocab = vocab or os.path.join(checkpoint, 'vocab.txt')  # BLIP, and CLIP trained by train.py
     if not os.path.exists(vocab):
       raise InputError(f'{checkpoint} has no vocab.txt: pass --vocab (a bert-base-uncased folder or vocab.txt)'
                        ' or, for CLIP, --tokenizer (a local HF tokenizer folder)')
-    return BlipTokenizer(vocab)
+    tok = BlipTokenizer(vocab, with_enc=self.family != 'blip2')  # BLIP-2 adds [DEC] only
+    bos = getattr(self.config, 'bos_token_id', None)
+    if self.family in ('blip', 'blip2') and bos is not None and tok.bos_token_id != bos:
+      raise InputError(f'{vocab}: its [DEC] would be token {tok.bos_token_id}, the checkpoint\'s is {bos} '
+                       '(a vocabulary of another size than the model\'s)')
+    return tok
 
   def encode(self, texts, first_token='cls'):
     """Token ids and mask [N, L]: BLIP's tokenizer (first-token rules), or the HF tokenizer."""
     from blip_jax.data.tokenizer import BlipTokenizer
-    length = getattr(self.config.text, 'context_length', BLIP_TEXT_LENGTH)
+    if self.family == 'blip2':
+      length = BLIP2_TEXT_LENGTH
+    else:
+      length = getattr(self.config.text, 'context_length', BLIP_TEXT_LENGTH)
     if isinstance(self.tokenizer, BlipTokenizer):
       return self.tokenizer.encode(texts, length, first_token)
     enc = self.tokenizer(list(texts), padding='max_length', truncation=True, max_length=length, return_tensors='np')
@@ -173,46 +190,99 @@ class Predictor:
   # --- shared pieces --------------------------------------------------------------------
 
   def image_features(self, images: Images):
-    """Normalised ITC image features [N, E]."""
-    if self.family == 'blip':
-      return images.map(lambda x: self.run('image_feat', lambda m, x: m.image_features(m.image_embeds(x)), x),
-                        'images')
-    from blip_jax.models.layers import l2_normalize
-    return images.map(lambda x: self.run('image_feat', lambda m, x: l2_normalize(m.encode_image(x)), x), 'images')
+    """Normalised ITC image features [N, E] (BLIP-2: [N, queries, E])."""
+    return images.map(lambda x: self.run('image_feat', image_features, x), 'images')
 
   def text_features(self, texts) -> np.ndarray:
     """Normalised ITC text features [N, E]."""
     ids, mask = self.encode(texts)
-    if self.family == 'blip':
-      return np.asarray(self.run('text_feat', lambda m, i, k: m.text_features(m.text_embeds(i, k)), ids, mask))
-    from blip_jax.models.layers import l2_normalize
-    return np.asarray(self.run('text_feat', lambda m, i, k: l2_normalize(m.encode_text(i, k)), ids, mask))
+    return np.asarray(self.run('text_feat', text_features, ids, mask))
+
+
+def image_features(m, images):
+  """ITC image features of any family (BLIP-2: one per query)."""
+  from blip_jax.models.layers import l2_normalize
+  return l2_normalize(m.encode_image(images)) if hasattr(m, 'encode_image') else m.image_features(m.image_embeds(images))
+
+
+def text_features(m, ids, mask):
+  """ITC text features of any family."""
+  from blip_jax.models.layers import l2_normalize
+  if hasattr(m, 'encode_text'):
+    return l2_normalize(m.encode_text(ids, mask))
+  if hasattr(m, 'text_embeds'):  # BLIP: the text encoder's [CLS]
+    return m.text_features(m.text_embeds(ids, mask))
+  return m.text_features(ids, mask)  # BLIP-2: the Q-Former on the text alone
+
+
+def cosine(image_feat, text_feat):
+  """Cosine [N_img, N_txt] of normalised features; BLIP-2's best query per image."""
+  sim = np.einsum('...e,te->...t', np.asarray(image_feat), np.asarray(text_feat))
+  return sim.max(1) if sim.ndim == 3 else sim
 
 
 # ---------------------------------------------------------------------------------- commands
 
+@dataclasses.dataclass
+class Captioner:
+  """What captioning needs of a model family: the decoder (in `blip_jax.generate`'s interface)
+  and its conditioning, the start ids, the end / pad ids, the teacher-forced logits of a
+  finished caption (for its confidence) and the text of generated ids."""
+  prompt_ids: np.ndarray  # [1, P]
+  eos_token_id: int
+  pad_token_id: int
+  decoder: Callable  # (model, image_embeds) -> (decoder, encoder_states)
+  logits: Callable  # (model, image_embeds, ids, mask) -> [B, T, V] predicting ids[:, 1:]
+  texts: Callable  # ids [N, L] -> captions without the prompt
+
+
+def captioner(p: Predictor, prompt: str) -> Captioner:
+  tok = p.tokenizer
+  if p.with_opt:  # BLIP-2 stage 2: BOS + prompt before OPT; LAVIS trains captions to end with '\n'
+    prompt_ids = np.asarray([[tok.bos_token_id, *tok(prompt, add_special_tokens=False)['input_ids']]], np.int32)
+    q = p.config.qformer.num_query_tokens
+    return Captioner(
+        prompt_ids, tok('\n', add_special_tokens=False)['input_ids'][0], tok.pad_token_id,
+        lambda m, embeds: (m.decoder, m.prefix(embeds)),
+        lambda m, embeds, ids, mask: m.logits(embeds, ids, mask)[:, q:],
+        lambda ids: [t.strip() for t in tok.batch_decode(np.asarray(ids)[:, prompt_ids.shape[1]:],
+                                                         skip_special_tokens=True)])
+  texts = lambda ids: [tok.strip_prompt(t, prompt) for t in tok.decode(ids)]
+  if p.family == 'blip2':  # stage 1: the Q-Former's image-grounded text generation
+    return Captioner(np.asarray(tok.decoder_prompt(prompt)), tok.sep_token_id, tok.pad_token_id,
+                     lambda m, embeds: (m.decoder, embeds), lambda m, embeds, ids, mask: m.itg_logits(embeds, ids, mask),
+                     texts)
+  return Captioner(np.asarray(tok.decoder_prompt(prompt)), tok.sep_token_id, tok.pad_token_id,
+                   lambda m, embeds: (m.text_decoder, embeds),
+                   lambda m, embeds, ids, mask: m.text_decoder(ids, mask, embeds), texts)
+
+
 def caption(p: Predictor, images: Images, args) -> list[dict]:
   from blip_jax import generate
-  p.require('caption', 'text_decoder', 'image_embeds')
-  if p.task == 'vqa':
-    raise InputError('`caption` needs a captioning (or pretrained) BLIP checkpoint; this one answers questions')
-  tok = p.tokenizer
-  prompt_ids = jnp.asarray(tok.decoder_prompt(args.prompt))
-  lengths = dict(max_length=args.max_length, min_length=args.min_length, eos_token_id=tok.sep_token_id,
-                 pad_token_id=tok.pad_token_id, repetition_penalty=args.repetition_penalty)
+  if p.family not in ('blip', 'blip2') or p.task == 'vqa' or not hasattr(p.model, 'image_embeds'):
+    raise InputError(f'`caption` needs a BLIP captioning / pretrained or a BLIP-2 checkpoint; this one is a '
+                     f'{p.family} {p.task} model')
+  p.require('caption', 'decoder' if p.family == 'blip2' else 'text_decoder')
+  prompt = DEFAULT_PROMPTS[p.family] if args.prompt is None else args.prompt
+  c = captioner(p, prompt)
+  prompt_ids = jnp.asarray(c.prompt_ids)
+  lengths = dict(max_length=args.max_length, min_length=args.min_length, eos_token_id=c.eos_token_id,
+                 pad_token_id=c.pad_token_id, repetition_penalty=args.repetition_penalty)
   key = jax.random.key(args.seed)
 
   def decode(m, x, key):
     embeds = m.image_embeds(x)
-    prompt = jnp.broadcast_to(prompt_ids, (x.shape[0], prompt_ids.shape[1]))
+    decoder, states = c.decoder(m, embeds)
+    start = jnp.broadcast_to(prompt_ids, (x.shape[0], prompt_ids.shape[1]))
     if args.sample:
-      ids = generate.sample(m.text_decoder, embeds, prompt, rng=key, top_p=args.top_p, top_k=args.top_k,
+      ids = generate.sample(decoder, states, start, rng=key, top_p=args.top_p, top_k=args.top_k,
                             temperature=args.temperature, **lengths)[:, 0]
     elif args.beams > 1:
-      ids = generate.beam_search(m.text_decoder, embeds, prompt, num_beams=args.beams, **lengths)[0][:, 0]
+      ids = generate.beam_search(decoder, states, start, num_beams=args.beams, **lengths)[0][:, 0]
     else:
-      ids = generate.greedy(m.text_decoder, embeds, prompt, **lengths)
-    return ids, caption_confidence(m.text_decoder, embeds, ids, prompt_ids.shape[1], tok.pad_token_id)
+      ids = generate.greedy(decoder, states, start, **lengths)
+    real = (ids != c.pad_token_id).astype(jnp.int32)
+    return ids, caption_confidence(c.logits(m, embeds, ids, real), ids, prompt_ids.shape[1], c.pad_token_id)
 
   def batch(x):
     nonlocal key
@@ -220,15 +290,15 @@ def caption(p: Predictor, images: Images, args) -> list[dict]:
     return p.run('caption', decode, x, sub)
 
   ids, confidence = images.map(batch, 'caption')
-  texts = [tok.strip_prompt(t, args.prompt) for t in tok.decode(ids)]
-  return [{'image': path, 'caption': t, 'confidence': round(float(c), 4)}
-          for path, t, c in zip(images.paths, texts, confidence)]
+  return [{'image': path, 'caption': t, 'confidence': round(float(conf), 4)}
+          for path, t, conf in zip(images.paths, c.texts(ids), confidence)]
 
 
-def caption_confidence(decoder, image_embeds, ids, prompt_length: int, pad_token_id: int):
-  """exp(mean log p) of the generated tokens (end token included), teacher-forced."""
+def caption_confidence(logits, ids, prompt_length: int, pad_token_id: int):
+  """exp(mean log p) of the generated tokens (end token included) from the teacher-forced
+  `logits` [B, T, V] of `ids` [B, T] (position t predicts token t + 1)."""
   real = (ids != pad_token_id).astype(jnp.int32)
-  logp = jax.nn.log_softmax(decoder(ids, real, image_embeds)[:, :-1], axis=-1)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   token_logp = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
   generated = real[:, 1:] * (jnp.arange(1, ids.shape[1]) >= prompt_length)[None]
   return jnp.exp((token_logp * generated).sum(1) / jnp.maximum(generated.sum(1), 1))
@@ -244,12 +314,12 @@ def itm(p: Predictor, images: Images, args) -> list[dict]:
   def scores(m, x):
     embeds = m.image_embeds(x)
     b = x.shape[0]
-    cosine = m.similarity(m.image_features(embeds), m.text_features(m.text_embeds(ids, mask)))
+    itc = m.similarity(m.image_features(embeds), text_features(m, ids, mask))
     logits = m.itm_logits(jnp.repeat(embeds, n, 0), jnp.tile(ids, (b, 1)), jnp.tile(mask, (b, 1)))
-    return jax.nn.softmax(logits, -1)[:, 1].reshape(b, n), cosine
+    return jax.nn.softmax(logits, -1)[:, 1].reshape(b, n), itc
 
-  match, cosine = images.map(lambda x: p.run('itm', scores, x), 'itm')
-  return [{'image': path, 'text': text, 'itm': round(float(match[i, j]), 4), 'itc': round(float(cosine[i, j]), 4)}
+  match, itc = images.map(lambda x: p.run('itm', scores, x), 'itm')
+  return [{'image': path, 'text': text, 'itm': round(float(match[i, j]), 4), 'itc': round(float(itc[i, j]), 4)}
           for i, path in enumerate(images.paths) for j, text in enumerate(args.text)]
 
 
@@ -273,21 +343,26 @@ def retrieve_query(p: Predictor, args) -> list[dict]:
     raise InputError(f'--index {args.index}: cannot read ({e})') from e
   if str(index['family']) != p.family:
     raise InputError(f'--index {args.index} was built by a {index["family"]} model; --checkpoint is {p.family}')
-  queries = [(q, p.text_features([pre_caption(q) if p.family == 'blip' else q])[0]) for q in args.query]
+  queries = [(q, p.text_features([pre_caption(q) if p.family in ('blip', 'blip2') else q])[0]) for q in args.query]
   if args.image_query:
+    if p.family == 'blip2':
+      raise InputError('--image-query needs one feature per image (BLIP or CLIP); BLIP-2 has one per query token')
     query_images = Images(args.image_query, p.transform, p.image_size, 1)
     queries += list(zip(query_images.paths, p.image_features(query_images)))
   rows = []
   for query, feature in queries:
-    cosine = index['features'] @ feature
-    for rank, i in enumerate(np.argsort(-cosine, kind='stable')[:args.top]):
-      rows.append({'query': query, 'rank': rank + 1, 'image': str(index['paths'][i]), 'score': round(float(cosine[i]), 4)})
+    scores = cosine(index['features'], feature[None])[:, 0]
+    for rank, i in enumerate(np.argsort(-scores, kind='stable')[:args.top]):
+      rows.append({'query': query, 'rank': rank + 1, 'image': str(index['paths'][i]), 'score': round(float(scores[i]), 4)})
   return rows
 
 
 def vqa(p: Predictor, images: Images, args) -> list[dict]:
   from blip_jax import generate
   from blip_jax.data.text import pre_question
+  if p.family != 'blip':
+    raise InputError(f'`vqa` needs a BLIP VQA checkpoint; this one is {p.family} (BLIP-2 with OPT answers from '
+                     'Python: README, BLIP-2)')
   p.require('vqa', 'question_states')
   if not args.question:
     raise InputError('`vqa` needs --question')
@@ -339,13 +414,17 @@ def classify(p: Predictor, images: Images, args) -> list[dict]:
   bad = [t for t in templates if '{}' not in t]
   if bad:
     raise InputError(f'--template must contain "{{}}" where the class name goes: {bad}')
-  if p.family == 'blip':
+  if p.family in ('blip', 'blip2'):
     p.require('classify', 'image_features', 'text_features')
   prompts = p.text_features([t.format(c) for c in classes for t in templates])
   classifier = np.asarray(ensemble_prompts(jnp.asarray(prompts).reshape(len(classes), len(templates), -1)))
-  scale = (1.0 / float(p.run('temp', lambda m: m.temperature())) if p.family == 'blip'
-           else float(p.run('scale', lambda m: jnp.exp(m.logit_scale[...]))))
-  probs = np.asarray(jax.nn.softmax(scale * p.image_features(images) @ classifier.T, axis=-1))
+  if p.family == 'blip':
+    scale = 1.0 / float(p.run('temp', lambda m: m.temperature()))
+  elif p.family == 'blip2':  # LAVIS divides by the raw temperature
+    scale = 1.0 / float(p.run('temp', lambda m: m.temp[...]))
+  else:
+    scale = float(p.run('scale', lambda m: jnp.exp(m.logit_scale[...])))
+  probs = np.asarray(jax.nn.softmax(scale * cosine(p.image_features(images), classifier), axis=-1))
   k = min(args.top, len(classes))
   rows = []
   for path, prob in zip(images.paths, probs):
@@ -363,8 +442,9 @@ def parser() -> argparse.ArgumentParser:
   sub = ap.add_subparsers(dest='command', required=True)
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument('--checkpoint', required=True, help='a converted or trained model directory')
-  common.add_argument('--vocab', help='BLIP: bert-base-uncased folder or vocab.txt (default: DIR/vocab.txt)')
-  common.add_argument('--tokenizer', help='CLIP: a local HF tokenizer folder')
+  common.add_argument('--vocab', help='BLIP, BLIP-2 stage 1: bert-base-uncased folder or vocab.txt '
+                                      '(default: DIR/vocab.txt)')
+  common.add_argument('--tokenizer', help='CLIP, BLIP-2 with OPT: a local HF tokenizer folder')
   common.add_argument('--batch-size', type=int, default=8)
   common.add_argument('--json', action='store_true', help='one JSON object per line instead of a table')
   common.add_argument('images', nargs='*', help='image files, folders or @list.txt')
@@ -378,7 +458,7 @@ def parser() -> argparse.ArgumentParser:
   c.add_argument('--repetition-penalty', type=float, default=1.0, help='BLIP uses 1.1 with --sample')
   c.add_argument('--max-length', type=int, default=20, help='tokens, prompt included (BLIP: 20)')
   c.add_argument('--min-length', type=int, default=5, help='tokens, prompt included (BLIP: 5)')
-  c.add_argument('--prompt', default='a picture of ')
+  c.add_argument('--prompt', help="text the caption continues (default: BLIP 'a picture of ', BLIP-2 none)")
   c.add_argument('--seed', type=int, default=0)
 
   i = sub.add_parser('itm', parents=[common], help='image-text matching scores')

@@ -3,6 +3,7 @@ subcommand's output equals the model functions it stands for, computed here dire
 are reported and skipped."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from blip_jax import generate, model_io, predict
 from blip_jax.data import synthetic_scenes as ss
 from blip_jax.data.tokenizer import BlipTokenizer
 from blip_jax.data.transforms import image_function
-from blip_jax.models import blip, clip
+from blip_jax.models import blip, blip2, clip
 
 SIZE = 32
 
@@ -199,6 +200,98 @@ def test_classify_zero_shot(scenes, pretrained, tmp_path_factory, family):
     top = np.argsort(-p)[:2]
     assert [row['top1'], row['top2']] == [classes[i] for i in top]
     assert [row['p1'], row['p2']] == pytest.approx(p[top], abs=1e-4)
+
+
+def _blip2_config(**kw):
+  from blip_jax.models import qformer, vit
+  return blip2.Blip2Config(
+      vision=vit.vit_config('eva_g', image_size=SIZE, width=32, depth=2, num_heads=2, mlp_dim=48, patch_size=8),
+      qformer=qformer.QFormerConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, encoder_width=32,
+                                    num_query_tokens=4, **kw.pop('qformer', {})), embed_dim=16, **kw)
+
+
+@pytest.fixture(scope='module')
+def blip2_stage1(scenes, tmp_path_factory):
+  """A random tiny BLIP-2 stage 1 (its tokenizer: BERT WordPiece with [DEC] only)."""
+  tok = BlipTokenizer(scenes[1], with_enc=False)
+  config = _blip2_config(qformer=dict(vocab_size=tok.vocab_size), bos_token_id=tok.bos_token_id)
+  model = blip2.build(config, seed=4)
+  return _save(tmp_path_factory, 'blip2', model, config, 'blip2', scenes[1]), model, tok
+
+
+def test_blip2_stage1_caption_itm_retrieve_classify(scenes, blip2_stage1, tmp_path):
+  folder, _, captions = scenes
+  ckpt, model, tok = blip2_stage1
+  paths = sorted(str(p) for p in folder.glob('*.png'))
+  embeds = model.image_embeds(_pixels(paths))
+  # caption: the Q-Former's ITG decoder from [DEC] (LAVIS uses no prompt), greedy
+  rows = _run('caption', '--checkpoint', ckpt, '--beams', 1, '--max-length', 8, '--min-length', 3, folder)
+  ids = generate.greedy(model.decoder, embeds, np.full((6, 1), tok.bos_token_id, np.int32), max_length=8,
+                        min_length=3, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+  assert [r['caption'] for r in rows] == [t.strip() for t in tok.decode(ids)]
+  # itm and itc: ITM averaged over the queries, ITC the best query
+  texts = captions[:2]
+  rows = _run('itm', '--checkpoint', ckpt, '--text', texts[0], '--text', texts[1], *paths[:2])
+  t_ids, t_mask = tok.encode(texts, 32)
+  feats, text = model.image_features(embeds[:2]), model.text_features(t_ids, t_mask)
+  for row in rows:
+    i, j = paths.index(row['image']), texts.index(row['text'])
+    match = jax.nn.softmax(model.itm_logits(embeds[i:i + 1], t_ids[j:j + 1], t_mask[j:j + 1]))[0, 1]
+    assert row['itm'] == pytest.approx(float(match), abs=1e-4)
+    assert row['itc'] == pytest.approx(float(np.max(np.asarray(feats[i]) @ np.asarray(text[j]))), abs=1e-4)
+  # retrieve: images ranked by their best query's cosine with the text
+  index = tmp_path / 'index.npz'
+  _run('retrieve', '--checkpoint', ckpt, '--index', index, folder)
+  rows = _run('retrieve', '--checkpoint', ckpt, '--index', index, '--query', captions[2], '--top', 6)
+  q_ids, q_mask = tok.encode([captions[2]], 32)
+  scores = (np.asarray(model.image_features(embeds)) @ np.asarray(model.text_features(q_ids, q_mask))[0]).max(1)
+  assert [r['image'] for r in rows] == [str(pathlib.Path(paths[i]).resolve()) for i in np.argsort(-scores)]
+  # classify: prompt-ensembled classes, best query, scaled by 1 / temp
+  classes = ['red circle', 'blue square', 'green triangle']
+  rows = _run('classify', '--checkpoint', ckpt, '--classes', ','.join(classes), '--top', 3, *paths)
+  c_ids, c_mask = tok.encode([f'a picture of a {c}.' for c in classes], 32)
+  classifier = np.asarray(model.text_features(c_ids, c_mask))
+  probs = jax.nn.softmax((np.asarray(model.image_features(embeds)) @ classifier.T).max(1) / model.temp[...], -1)
+  assert [r['p1'] for r in rows] == pytest.approx(np.sort(np.asarray(probs), -1)[:, ::-1][:, 0], abs=1e-4)
+  assert [r['top1'] for r in rows] == [classes[i] for i in np.asarray(probs).argmax(-1)]
+
+
+def _opt_tokenizer(texts, folder):
+  """A byte-level BPE tokenizer in OPT's conventions (`</s>` = 2 starts a text, `<pad>` = 1), trained
+  offline on `texts`: what `--tokenizer` points at (the real one is facebook/opt-*'s)."""
+  import tokenizers
+  import transformers
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(texts, vocab_size=300, special_tokens=['<s>', '<pad>', '</s>', '<unk>'])
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token='</s>', eos_token='</s>',
+                                             pad_token='<pad>', unk_token='<unk>')
+  tok.save_pretrained(folder)
+  return tok
+
+
+def test_blip2_opt_caption(scenes, tmp_path_factory):
+  from blip_jax.models import opt
+  folder, _, captions = scenes
+  tok_dir = tmp_path_factory.mktemp('opt_tokenizer')
+  tok = _opt_tokenizer([c + '\n' for c in captions] * 5, tok_dir)
+  config = _blip2_config(qformer=dict(text_input=False), opt=opt.OPTConfig(
+      vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2, ffn_dim=48, max_position_embeddings=40))
+  model = blip2.build(config, seed=6)
+  ckpt = tmp_path_factory.mktemp('blip2_opt') / 'model'
+  model_io.save(ckpt, model, config, task='blip2_opt')
+  missing = predict.main(['caption', '--checkpoint', str(ckpt), str(folder)])
+  assert missing == 2  # no --tokenizer: a clear error, not a crash
+  paths = sorted(str(p) for p in folder.glob('*.png'))
+  rows = _run('caption', '--checkpoint', ckpt, '--tokenizer', tok_dir, '--prompt', 'a', '--beams', 2,
+              '--max-length', 7, '--min-length', 2, folder)
+  prompt = [2, *tok('a', add_special_tokens=False)['input_ids']]
+  newline = tok('\n', add_special_tokens=False)['input_ids'][0]
+  embeds = model.image_embeds(_pixels(paths))
+  ids = generate.beam_search(model.decoder, model.prefix(embeds), np.asarray([prompt] * 6), num_beams=2, max_length=7,
+                             min_length=2, eos_token_id=newline, pad_token_id=1)[0][:, 0]
+  assert [r['caption'] for r in rows] == [t.strip() for t in tok.batch_decode(np.asarray(ids)[:, len(prompt):],
+                                                                              skip_special_tokens=True)]
+  assert all(0 < r['confidence'] <= 1 for r in rows)
 
 
 def test_bad_inputs_are_reported_and_the_others_processed(scenes, pretrained, tmp_path, capsys):
