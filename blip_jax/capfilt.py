@@ -133,41 +133,50 @@ def batch_key(seed: int, chunk: int, batch: int):
 
 # ---------------------------------------------------------------------------------- models
 
-def load_models(captioner_dir: str, filter_dir: str) -> tuple[Predictor, Predictor]:
-  """The captioner and filter (one object when they are one directory), checked for their roles."""
-  cap = _load(captioner_dir, '--captioner')
-  filt = cap if os.path.realpath(filter_dir) == os.path.realpath(captioner_dir) else _load(filter_dir, '--filter')
-  if not hasattr(cap.model, 'text_decoder'):
-    raise InputError(f'--captioner {captioner_dir}: a BLIP {cap.task} model has no text decoder; the captioner is '
-                     'a caption or pretrain model')
-  if not hasattr(filt.model, 'itm_logits'):
-    raise InputError(f'--filter {filter_dir}: a BLIP {filt.task} model has no ITM head; the filter is a '
-                     'retrieval (ITM) or pretrain model')
-  if filt is not cap:
-    # The filter reads the captioner's token ids (no detokenize / retokenize round trip).
-    if _read(cap.tokenizer.vocab_file) != _read(filt.tokenizer.vocab_file):
-      raise InputError(f'--captioner and --filter have different vocabularies ({cap.tokenizer.vocab_file}, '
-                       f'{filt.tokenizer.vocab_file}); CapFilt needs one WordPiece vocabulary')
-    if cap.image_size != filt.image_size:
-      raise InputError(f'--captioner takes {cap.image_size} px images and --filter {filt.image_size} px; '
-                       'CapFilt feeds both one image batch')
-  positions = cap.config.text.max_position_embeddings
-  if positions < SAMPLING['max_length']:
-    raise InputError(f'--captioner {captioner_dir}: {positions} text positions, fewer than the '
-                     f'{SAMPLING["max_length"]} tokens CapFilt samples')
-  return cap, filt
+# What each role needs (BLIP tasks, `blip.TASKS`): the captioner a text decoder, the filter an ITM head.
+ROLES = {'--captioner': ('caption', 'pretrain'), '--filter': ('retrieval', 'pretrain')}
 
 
-def _load(path: str, flag: str) -> Predictor:
+def check_model_dir(path: str, flag: str) -> dict:
+  """The model's config.json, after checking (without loading weights) that it can play `flag`'s role."""
   from blip_jax import model_io
   if not model_io.is_model_dir(path):
     reason = 'no such directory' if not os.path.isdir(path) else f'no blip_jax {model_io.CONFIG_FILE}'
     raise InputError(f'{flag} {path}: not a blip_jax model directory ({reason}); use a training run\'s model/ '
                      'folder or convert a checkpoint with convert_torch_weights.py')
-  family = model_io.read_config(path)['family']
-  if family != 'blip':
-    raise InputError(f'{flag} {path}: a {family} model; CapFilt needs BLIP models')
-  return Predictor(path)
+  meta = model_io.read_config(path)
+  if meta['family'] != 'blip':
+    raise InputError(f'{flag} {path}: a {meta["family"]} model; CapFilt needs BLIP models')
+  if meta['task'] not in ROLES[flag]:
+    has = 'no text decoder' if flag == '--captioner' else 'no ITM head'
+    raise InputError(f'{flag} {path}: a BLIP {meta["task"]} model has {has}; the {flag[2:]} is a '
+                     f'{" or ".join(ROLES[flag])} model')
+  if not os.path.isfile(os.path.join(path, 'vocab.txt')):
+    raise InputError(f'{flag} {path} has no vocab.txt (train.py writes it; for a converted model, copy '
+                     'bert-base-uncased\'s vocab.txt there)')
+  return meta
+
+
+def check_models(captioner_dir: str, filter_dir: str) -> None:
+  cap, filt = check_model_dir(captioner_dir, '--captioner'), check_model_dir(filter_dir, '--filter')
+  positions = cap['config']['text']['max_position_embeddings']
+  if positions < SAMPLING['max_length']:
+    raise InputError(f'--captioner {captioner_dir}: {positions} text positions, fewer than the '
+                     f'{SAMPLING["max_length"]} tokens CapFilt samples')
+  # The filter reads the captioner's token ids (no detokenize / retokenize round trip).
+  if _read(os.path.join(captioner_dir, 'vocab.txt')) != _read(os.path.join(filter_dir, 'vocab.txt')):
+    raise InputError(f'--captioner {captioner_dir} and --filter {filter_dir} have different vocab.txt files; '
+                     'CapFilt needs one WordPiece vocabulary')
+  sizes = cap['config']['vision']['image_size'], filt['config']['vision']['image_size']
+  if sizes[0] != sizes[1]:
+    raise InputError(f'--captioner takes {sizes[0]} px images and --filter {sizes[1]} px; CapFilt feeds both one '
+                     'image batch')
+
+
+def load_models(captioner_dir: str, filter_dir: str) -> tuple[Predictor, Predictor]:
+  """The captioner and filter (one object when they are one directory)."""
+  cap = Predictor(captioner_dir)
+  return cap, cap if os.path.realpath(filter_dir) == os.path.realpath(captioner_dir) else Predictor(filter_dir)
 
 
 def _read(path: str) -> str:
@@ -397,50 +406,67 @@ class Clock:
     return self.images / (time.perf_counter() - self.start) if self.images else float('nan')
 
 
-class Run:
-  """One CapFilt run over a split: the models, the loader, and the chunk bookkeeping."""
+@dataclasses.dataclass(frozen=True)
+class Chunks:
+  """The split's images in global batches of `batch_size`, `per_chunk` batches to a chunk, and
+  which chunks the parts in `out` already hold."""
+  out: str
+  images: int
+  batch_size: int
+  per_chunk: int
 
-  def __init__(self, args, cap, filt, b, split, texts, replaced, image_ids):
+  @property
+  def num_batches(self) -> int:
+    return -(-self.images // self.batch_size)
+
+  def __len__(self) -> int:
+    return -(-self.num_batches // self.per_chunk)
+
+  def steps(self, chunk: int) -> range:
+    return range(chunk * self.per_chunk, min((chunk + 1) * self.per_chunk, self.num_batches))
+
+  def batch_images(self, step: int) -> int:
+    """Real images (all processes together) in global batch `step`."""
+    return min(self.batch_size, self.images - step * self.batch_size)
+
+  def chunk_images(self, chunk: int) -> int:
+    return sum(self.batch_images(s) for s in self.steps(chunk))
+
+  def done(self, chunk: int) -> bool:
+    """Complete when every process wrote its part."""
+    return all(os.path.exists(part_path(self.out, p, chunk)) for p in range(jax.process_count()))
+
+  def todo(self) -> list[int]:
+    return [c for c in range(len(self)) if not self.done(c)]
+
+
+class Run:
+  """Captioning and filtering of the chunks a split still lacks: the models on the mesh, the loader."""
+
+  def __init__(self, args, chunks: Chunks, b, texts, replaced, image_ids):
     from blip_jax.data.examples import Examples
     from blip_jax.data.loader import BatchLoader
     from blip_jax.data.transforms import image_function
     from blip_jax.train import state as state_lib
     from jax.sharding import NamedSharding, PartitionSpec as P
-    self.args, self.cap, self.filt = args, cap, filt
-    self.texts, self.replaced, self.image_ids, self.split = texts, replaced, image_ids, split
-    self.spec = make_spec(cap, filt, args.num_captions)
+    self.args, self.chunks = args, chunks
+    self.texts, self.replaced, self.image_ids = texts, replaced, image_ids
+    self.cap, self.filt = load_models(args.captioner, args.filter)
+    self.spec = make_spec(self.cap, self.filt, args.num_captions)
     self.mesh = state_lib.make_mesh(-1, 1)
-    table = web_table(texts, filt, self.spec.text_length)
-    self.loader = BatchLoader(Examples(table['record'][:, None], ('image',), table), b.as_data_source(split),
-                              image_function(cap.transform, cap.image_size), args.batch_size, shuffle=False,
-                              drop_remainder=False, sharding=state_lib.batch_sharding(self.mesh))
-    replicated = NamedSharding(self.mesh, P())
-    self.cap_state = jax.device_put(cap.state, replicated)
-    self.filt_state = self.cap_state if filt is cap else jax.device_put(filt.state, replicated)
-    self.images = ImageWriter(b, split, args.out)
-    self.num_images = len(texts)
-    self.num_chunks = -(-self.loader.steps_per_epoch // args.chunk_batches)
-
-  def chunk_steps(self, chunk: int) -> range:
-    return range(chunk * self.args.chunk_batches, min((chunk + 1) * self.args.chunk_batches,
-                                                      self.loader.steps_per_epoch))
-
-  def batch_images(self, step: int) -> int:
-    """Real images (all processes) in global batch `step`."""
-    return min(self.args.batch_size, self.num_images - step * self.args.batch_size)
-
-  def chunk_images(self, chunk: int) -> int:
-    return sum(self.batch_images(s) for s in self.chunk_steps(chunk))
-
-  def done(self, chunk: int) -> bool:
-    """Complete when every process wrote its part."""
-    return all(os.path.exists(part_path(self.args.out, p, chunk)) for p in range(jax.process_count()))
+    table = web_table(texts, self.filt, self.spec.text_length)
+    self.loader = BatchLoader(Examples(table['record'][:, None], ('image',), table), b.as_data_source(args.split),
+                              image_function(self.cap.transform, self.cap.image_size), args.batch_size,
+                              shuffle=False, drop_remainder=False, sharding=state_lib.batch_sharding(self.mesh))
+    replicated = NamedSharding(self.mesh, P())  # the models on every device, the batch split over them
+    self.cap_state = jax.device_put(self.cap.state, replicated)
+    self.filt_state = self.cap_state if self.filt is self.cap else jax.device_put(self.filt.state, replicated)
+    self.images = ImageWriter(b, args.split, args.out)
 
   def load(self, step: int):
     """This process's rows of batch `step` (numpy), with their images written to OUT/images."""
     batch = self.loader.load(step)
-    valid = batch['record'][batch['valid']].tolist()
-    batch['names'] = self.images(valid)
+    batch['names'] = self.images(batch['record'][batch['valid']].tolist())
     return batch
 
   def process(self, chunk: int, batches) -> list[dict]:
@@ -451,7 +477,7 @@ class Run:
       outputs = jitted_step(self.cap.graphdef, self.filt.graphdef, self.spec, self.cap_state, self.filt_state,
                             inputs['image'], inputs['web_ids'], inputs['web_mask'],
                             batch_key(self.args.seed, chunk, j))
-      self.clock.tick(outputs, self.batch_images(self.chunk_steps(chunk)[j]))
+      self.clock.tick(outputs, self.chunks.batch_images(self.chunks.steps(chunk)[j]))
       results.append((batch, outputs))
     rows = []
     for batch, (sampled, scores) in results:
@@ -475,24 +501,19 @@ class Run:
                      'itm_score': round(float(scores[i, w + c]), 6)})
     return rows
 
-  def __call__(self, max_chunks: int | None) -> tuple[int, float]:
-    """Process the missing chunks (at most `max_chunks`); returns (images processed, images/s)."""
-    todo = [c for c in range(self.num_chunks) if not self.done(c)]
-    _sync('capfilt: parts listed')  # every process must see the same todo list before any is written
-    if max_chunks is not None:
-      todo = todo[:max_chunks]
-    done_images = self.num_images - sum(self.chunk_images(c) for c in range(self.num_chunks) if not self.done(c))
-    bar = tqdm.tqdm(total=self.num_images, initial=done_images, desc='capfilt', unit='img', dynamic_ncols=True,
-                    disable=jax.process_index() != 0)
-    loaded = _prefetch(self.load, [s for c in todo for s in self.chunk_steps(c)])
+  def __call__(self, todo: list[int]) -> tuple[int, float]:
+    """Process the chunks `todo`; returns (images processed, images/s)."""
+    chunks = self.chunks
+    bar = tqdm.tqdm(total=chunks.images, initial=chunks.images - sum(map(chunks.chunk_images, chunks.todo())),
+                    desc='capfilt', unit='img', dynamic_ncols=True, disable=jax.process_index() != 0)
+    loaded = _prefetch(self.load, [s for c in todo for s in chunks.steps(c)])
     images, self.clock = 0, Clock()
     for chunk in todo:
-      batches = [next(loaded) for _ in self.chunk_steps(chunk)]
-      rows = self.process(chunk, batches)
+      rows = self.process(chunk, [next(loaded) for _ in chunks.steps(chunk)])
       write_atomic(part_path(self.args.out, jax.process_index(), chunk),
                    ''.join(json.dumps(row) + '\n' for row in rows).encode())
-      images += self.chunk_images(chunk)
-      bar.update(self.chunk_images(chunk))
+      images += chunks.chunk_images(chunk)
+      bar.update(chunks.chunk_images(chunk))
     bar.close()
     return images, self.clock.rate()
 
@@ -595,6 +616,8 @@ def check_args(args) -> None:
     raise InputError(f'--corrupt-fraction must be in [0, 1), got {args.corrupt_fraction}')
   if args.batch_size < 1 or args.chunk_batches < 1:
     raise InputError('--batch-size and --chunk-batches must be positive')
+  if args.max_chunks is not None and args.max_chunks < 1:
+    raise InputError(f'--max-chunks must be positive, got {args.max_chunks}')
   if args.batch_size % jax.device_count():
     raise InputError(f'--batch-size {args.batch_size} is not divisible by the {jax.device_count()} devices '
                      '(the batch is split over all of them)')
@@ -604,7 +627,7 @@ def run(argv=None) -> dict:
   """Parse `argv` and run CapFilt; returns the summary (`complete` False when --max-chunks stopped it)."""
   args = parser().parse_args(argv)
   check_args(args)
-  cap, filt = load_models(args.captioner, args.filter)
+  check_models(args.captioner, args.filter)  # before the slow steps: building data, loading weights
   data = source_config(args)
   os.makedirs(os.path.join(args.out, 'parts'), exist_ok=True)
   if jax.process_index() == 0:
@@ -622,23 +645,26 @@ def run(argv=None) -> dict:
               'corrupt_fraction': args.corrupt_fraction, 'seed': args.seed, 'processes': jax.process_count(),
               'prompt': PROMPT, **SAMPLING}
   check_settings(args.out, settings)
-  work = Run(args, cap, filt, b, args.split, texts, replaced, image_ids)
-  processed, rate = work(args.max_chunks)
+  chunks = Chunks(args.out, len(texts), args.batch_size, args.chunk_batches)
+  todo = chunks.todo()
+  _sync('capfilt: parts listed')  # every process must see the same todo list before any part is written
+  processed, rate = 0, float('nan')
+  if todo:  # the models are loaded only when there is work left (a finished run just re-gathers)
+    processed, rate = Run(args, chunks, b, texts, replaced, image_ids)(todo[:args.max_chunks])
   _sync('capfilt: parts written')
-  complete = all(work.done(c) for c in range(work.num_chunks))
-  if not complete:
-    left = sum(not work.done(c) for c in range(work.num_chunks))
-    print(f'capfilt: stopped after --max-chunks {args.max_chunks}: {left} of {work.num_chunks} chunks left; run '
+  left = len(chunks.todo())
+  if left:
+    print(f'capfilt: stopped after --max-chunks {args.max_chunks}: {left} of {len(chunks)} chunks left; run '
           'the same command again to continue', flush=True)
     return {'complete': False}
-  rows = gather(args.out, work.num_chunks, jax.process_count())
-  summary = summarize(rows, work.num_images, args.threshold)
+  rows = gather(args.out, len(chunks), jax.process_count())
+  summary = summarize(rows, len(texts), args.threshold)
   if jax.process_index() == 0:
-    shutil.copy(cap.tokenizer.vocab_file, os.path.join(args.out, 'vocab.txt'))  # the pretraining run's tokenizer
+    shutil.copy(os.path.join(args.captioner, 'vocab.txt'), os.path.join(args.out, 'vocab.txt'))  # for pretraining
     copied = [copy_split(b, family, split, args.out) for split in args.copy_split]
     path, kept = finish(args.out, rows, args.threshold)
     write_atomic(os.path.join(args.out, 'summary.json'), json.dumps(summary, indent=1).encode())
-    print(format_summary(summary, f'{args.data}:{args.split}', processed, rate, work.mesh.size))
+    print(format_summary(summary, f'{args.data}:{args.split}', processed, rate, jax.device_count()))
     print(f'wrote {path}: {kept} captions of {summary["images"]} images (image_root {args.out}/images)'
           + ''.join(f'\nwrote {p}' for p in copied), flush=True)
   return {'complete': True, **summary}
