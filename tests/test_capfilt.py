@@ -1,0 +1,304 @@
+"""`python -m blip_jax.capfilt` on synthetic_scenes/tiny: the filter finds the corrupted web texts,
+a resumed run writes what an uninterrupted one writes, the captions and scores are exactly the
+model functions they stand for, bad inputs are named, and configs/pretrain_capfilt.py trains on
+the output."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from blip_jax import capfilt, generate, model_io, objectives
+from blip_jax.data import datasets, synthetic_scenes as ss
+from blip_jax.data.text import pre_caption
+from blip_jax.data.tokenizer import BlipTokenizer
+from blip_jax.data.transforms import image_function
+from blip_jax.models import blip
+from blip_jax.models.bert import lm_loss
+from blip_jax.train import loop, tasks
+from blip_jax.train.config_base import TINY_MODELS
+
+ROOT = pathlib.Path(__file__).parents[1]
+K, BATCH, SEED = 2, 4, 0
+
+
+@pytest.fixture(scope='module')
+def scenes(tmp_path_factory):
+  """synthetic_scenes/tiny (16 train images, 5 captions each) built in a test data_dir."""
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  builder = ss.SyntheticScenes(config='tiny', data_dir=data_dir, file_format='array_record')
+  builder.download_and_prepare()
+  return data_dir, builder
+
+
+def train_tiny_blip(builder, steps=800, batch=16, lr=2e-3, seed=0):
+  """A tiny BLIP pretrain model (decoder and ITM head) trained on the 80 training pairs with
+  in-batch ITC (same-image positives), ITM on hard negatives and LM.
+
+  Why not train.py's recipes: at this size configs/default.py:tiny and configs/retrieval.py:tiny
+  leave ITM at its prior (loss 0.636, the same output for every pair) after 300-400 steps (measured:
+  their momentum-encoder / queue ITC does not move in that time, and ITM only learns once ITC has
+  made the [CLS] state depend on the text). Without the momentum encoders ITC learns at once and
+  ITM follows: 800 steps, about 25 s on 2 cores."""
+  tok = BlipTokenizer(ss.vocab_path(builder))
+  source = builder.as_data_source('train')
+  records = [source[i] for i in range(len(source))]
+  to_pixels = image_function('blip_eval', TINY_MODELS['blip']['image_size'])
+  images = jnp.asarray(np.stack([to_pixels(np.asarray(r['image']), (0, 0)) for r in records]))
+  pairs = [(i, pre_caption(c.decode(), 30)) for i, r in enumerate(records) for c in r['captions']]
+  ids, mask = (jnp.asarray(x) for x in tok.encode([t for _, t in pairs], 24))
+  image_of = jnp.asarray([i for i, _ in pairs])
+  task = tasks.get('pretrain')
+  config = tasks.model_config(task, TINY_MODELS['blip'], tok)
+  graph, params, rest = nnx.split(tasks.build_model(task, config, seed=seed), nnx.Param, ...)
+  opt = optax.adamw(lr)
+
+  def loss(params, rows, key):
+    m = nnx.merge(graph, params, rest)
+    image_ids, t_ids, t_mask = image_of[rows], ids[rows], mask[rows]
+    embeds = m.image_embeds(images[image_ids])
+    sim = m.itc_logits(m.image_features(embeds), m.text_features(m.text_embeds(t_ids, t_mask)))
+    itc = objectives.itc_loss_smoothed(sim, sim.T, image_ids=image_ids)
+    negatives = objectives.sample_hard_negatives(key, sim, sim.T, objectives.positives(len(rows), image_ids))
+    itm, _ = objectives.itm_loss_with_negatives(m.itm_logits, embeds, t_ids, t_mask, *negatives)
+    return itc + itm + lm_loss(m.decoder_logits(embeds, t_ids, t_mask), jnp.where(t_mask == 0, -100, t_ids))
+
+  @jax.jit
+  def step(params, opt_state, rows, key):
+    grads = jax.grad(loss)(params, rows, key)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state, rng = opt.init(params), np.random.default_rng(seed)
+  for s in range(steps):
+    params, opt_state = step(params, opt_state, jnp.asarray(rng.choice(len(pairs), batch, replace=False)),
+                             jax.random.key(s))
+  return nnx.merge(graph, params, rest), config, tok
+
+
+def _save(model, config, task, tok, out):
+  model_io.save(out, model, config, task=task)
+  shutil.copy(tok.vocab_file, out / 'vocab.txt')
+  return out
+
+
+@pytest.fixture(scope='module')
+def trained(scenes, tmp_path_factory):
+  """The captioner and filter of the tests (one directory), with the model and tokenizer."""
+  model, config, tok = train_tiny_blip(scenes[1])
+  return _save(model, config, 'pretrain', tok, tmp_path_factory.mktemp('trained') / 'model'), model, tok
+
+
+def _argv(scenes, model_dir, out, *extra):
+  return ['--captioner', model_dir, '--filter', model_dir, '--data', 'synthetic_scenes/tiny', '--data-dir', scenes[0],
+          '--out', out, '--num-captions', K, '--batch-size', BATCH, '--chunk-batches', 1, '--corrupt-fraction', 0.3,
+          '--seed', SEED, *extra]
+
+
+def _run(*argv):
+  return capfilt.run([str(a) for a in argv])
+
+
+@pytest.fixture(scope='module')
+def full(scenes, trained, tmp_path_factory):
+  """One uninterrupted run: 16 images in 4 chunks of one batch of 4."""
+  out = tmp_path_factory.mktemp('capfilt') / 'out'
+  summary = _run(*_argv(scenes, trained[0], out, '--copy-split', 'validation'))
+  return out, summary
+
+
+def _parts(out):
+  rows = [json.loads(line) for p in sorted((out / 'parts').glob('part-*.jsonl')) for line in p.read_text().splitlines()]
+  return sorted(rows, key=lambda r: (r['record'], r['index']))
+
+
+# ------------------------------------------------------------------------------ filtering quality
+
+def test_filter_drops_corrupted_web_texts_and_keeps_clean_ones(full):
+  out, s = full
+  assert s['complete'] and s['images'] == 16
+  assert s['web']['total'] == 80 and s['synthetic']['total'] == 16 * K
+  c = s['corruption']
+  assert c['replaced'] == 24  # 30% of the 80 web texts
+  # Measured (800 training steps; chance is precision 0.30, recall = the drop rate):
+  # precision 0.600, recall 1.000, clean kept 0.714.
+  assert c['precision'] >= 0.45 and c['recall'] >= 0.85 and c['clean_kept'] >= 0.6, c
+  # The output is the kept pairs, in the annotation format, with their provenance.
+  kept = json.loads((out / 'annotations.json').read_text())
+  rows = _parts(out)
+  assert len(kept) == s['web']['kept'] + s['synthetic']['kept'] == sum(r['itm_score'] >= 0.5 for r in rows)
+  assert all(e['itm_score'] >= 0.5 and e['source'] in ('web', 'synthetic') for e in kept)
+  assert all((out / 'images' / e['image']).is_file() for e in kept)
+  assert sum(e.get('corrupted', False) for e in kept) == c['replaced'] - round(c['recall'] * c['replaced'])
+  assert json.loads((out / 'summary.json').read_text()) == {k: v for k, v in s.items() if k != 'complete'}
+
+
+def test_corruption_replaces_with_another_images_caption_deterministically():
+  texts = [[f'caption {i} {j}' for j in range(3)] for i in range(10)]
+  a, flags = capfilt.corrupt(texts, 0.4, seed=1)
+  assert (a, flags) == capfilt.corrupt(texts, 0.4, seed=1) and a != capfilt.corrupt(texts, 0.4, seed=2)[0]
+  assert sum(map(sum, flags)) == 12
+  for i, (row, row_flags) in enumerate(zip(a, flags)):
+    for j, (text, replaced) in enumerate(zip(row, row_flags)):
+      assert (text == texts[i][j]) != replaced
+      if replaced:  # a caption of another image
+        assert text not in texts[i] and any(text in t for t in texts)
+
+
+# ------------------------------------------------------------------------------ resuming
+
+def test_a_resumed_run_writes_what_an_uninterrupted_run_writes(scenes, trained, full, tmp_path):
+  out = tmp_path / 'out'
+  argv = _argv(scenes, trained[0], out, '--copy-split', 'validation')
+  assert _run(*argv, '--max-chunks', 3) == {'complete': False}
+  assert not (out / 'annotations.json').exists()
+  # A kill: the last complete part is lost and a temporary file is left half-written.
+  (out / 'parts' / 'part-00000-00002.jsonl').rename(out / 'parts' / 'part-00000-00002.jsonl.tmp123')
+  before = {p.name: p.stat().st_mtime_ns for p in (out / 'parts').glob('*.jsonl')}
+  summary = _run(*argv)
+  assert {p.name: p.stat().st_mtime_ns for p in (out / 'parts').glob('*.jsonl') if p.name in before} == before
+  assert sorted(p.name for p in (out / 'parts').glob('*.jsonl')) == [f'part-00000-{c:05d}.jsonl' for c in range(4)]
+  for name in ('annotations.json', 'validation.json', 'summary.json'):
+    assert (out / name).read_bytes() == (full[0] / name).read_bytes(), name
+  assert summary == full[1]
+  # A rerun with other settings would mix two runs' parts.
+  with pytest.raises(capfilt.InputError, match=r'num_captions: 2 -> 3'):
+    _run(*_argv(scenes, trained[0], out, '--num-captions', 3))
+  # The threshold applies when the parts are gathered: a new one rewrites the output only.
+  strict = _run(*argv, '--threshold', 0.9)
+  assert strict['web']['kept'] + strict['synthetic']['kept'] == len(json.loads((out / 'annotations.json').read_text()))
+  assert strict['web']['kept'] < summary['web']['kept']
+
+
+# ------------------------------------------------------------------------------ no drift
+
+def test_captions_and_scores_equal_the_model_functions(scenes, trained, full):
+  """Batch 0 of chunk c: `generate.sample` with `batch_key(seed, c, 0)`, and the ITM softmax of
+  each web text (cleaned and tokenized) and each sampled caption (its generated tokens between
+  [CLS] and [SEP]: the filter reads the sampled ids), computed here directly."""
+  _, model, tok = trained
+  rows = _parts(full[0])
+  source = scenes[1].as_data_source('train')
+  to_pixels = image_function('blip_eval', 32)
+  prompt = tok.decoder_prompt('a picture of ')
+  length = 32  # the filter's text length: min(35, its 32 positions)
+  special = set(tok.tokenizer.all_special_ids)
+
+  @jax.jit
+  def sample(images, key):
+    embeds = model.image_embeds(images)
+    return generate.sample(model.text_decoder, embeds, jnp.repeat(prompt, len(images), 0), rng=key, top_p=0.9,
+                           repetition_penalty=1.1, max_length=30, min_length=5, num_return_sequences=K,
+                           eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+
+  def caption_ids(sampled):
+    tokens = [t for t in sampled[prompt.shape[1]:].tolist() if t not in special][:length - 2]
+    ids = [tok.cls_token_id, *tokens, tok.sep_token_id]
+    return ids + [tok.pad_token_id] * (length - len(ids)), [1] * len(ids) + [0] * (length - len(ids))
+
+  itm = jax.jit(lambda x, ids, mask: jax.nn.softmax(model.itm_logits(model.image_embeds(x), ids, mask))[:, 1])
+  for chunk in (0, 3):
+    records = range(chunk * BATCH, (chunk + 1) * BATCH)
+    images = np.stack([to_pixels(np.asarray(source[r]['image']), (0, 0)) for r in records])
+    sampled = np.asarray(sample(images, capfilt.batch_key(SEED, chunk, 0))).reshape(BATCH * K, -1)
+    web = [r for r in rows if r['record'] in records and r['source'] == 'web']
+    synthetic = [r for r in rows if r['record'] in records and r['source'] == 'synthetic']
+    assert [r['caption'] for r in synthetic] == [tok.strip_prompt(t, 'a picture of ') for t in tok.decode(sampled)]
+    web_ids, web_mask = tok.encode([pre_caption(r['caption'], 30) for r in web], length)
+    syn_ids, syn_mask = map(np.asarray, zip(*[caption_ids(s) for s in sampled]))
+    pixels = images[[r['record'] - records.start for r in web + synthetic]]
+    expected = itm(pixels, np.concatenate([web_ids, syn_ids]), np.concatenate([web_mask, syn_mask]))
+    # Two XLA programs (this one and capfilt's fused step) round differently: 1e-5.
+    np.testing.assert_allclose([r['itm_score'] for r in web + synthetic], expected, atol=1e-5)
+
+
+def test_filter_text_is_what_the_tokenizer_makes_of_the_decoded_caption(trained):
+  """The filter reads the sampled ids directly: '[CLS] caption [SEP]' as the tokenizer would
+  make it of the decoded, prompt-stripped caption (special tokens dropped, truncated)."""
+  tok = trained[2]
+  spec = capfilt.make_spec(*[_tokenizer_only(tok, positions=20)] * 2, num_captions=1)
+  words = tok.encode(['a small red circle at the left'], 16)[0][0]
+  body = [int(t) for t in words[1:list(words).index(tok.sep_token_id)]]
+  cases = {'ended': body + [tok.sep_token_id], 'cut at max length': body,
+           'special tokens inside': [tok.pad_token_id, body[0], tok.bos_token_id] + body[1:],
+           'longer than the filter reads': body * 5}
+  for name, generated in cases.items():
+    row = (list(spec.prompt_ids) + generated)[:30]
+    row = np.asarray([row + [tok.pad_token_id] * (30 - len(row))])
+    ids, mask = capfilt.filter_text(jnp.asarray(row), spec)
+    expected = tok.encode([tok.strip_prompt(tok.decode(row)[0], 'a picture of ')], spec.text_length)
+    np.testing.assert_array_equal(ids, expected[0], err_msg=name)
+    np.testing.assert_array_equal(mask, expected[1], err_msg=name)
+
+
+def _tokenizer_only(tok, positions):
+  """What `make_spec` reads of a Predictor."""
+  text = types.SimpleNamespace(max_position_embeddings=positions)
+  return types.SimpleNamespace(tokenizer=tok, config=types.SimpleNamespace(text=text))
+
+
+# ------------------------------------------------------------------------------ bad input
+
+def _error(capsys, *argv):
+  assert capfilt.main([str(a) for a in argv]) == 2
+  return capsys.readouterr().err
+
+
+def test_bad_input_is_named(scenes, trained, tmp_path, capsys):
+  model_dir = trained[0]
+  common = ['--data', 'synthetic_scenes/tiny', '--data-dir', scenes[0], '--out', tmp_path / 'out']
+  err = _error(capsys, '--captioner', tmp_path / 'missing', '--filter', model_dir, *common)
+  assert f'--captioner {tmp_path / "missing"}: not a blip_jax model directory (no such directory)' in err
+  err = _error(capsys, '--captioner', model_dir, '--filter', tmp_path, *common)
+  assert f'--filter {tmp_path}: not a blip_jax model directory (no blip_jax config.json)' in err
+  tok = trained[2]
+  caption_model = _save(blip.build('caption', trained[1].config, seed=1), trained[1].config, 'caption', tok,
+                        tmp_path / 'caption')
+  err = _error(capsys, '--captioner', model_dir, '--filter', caption_model, *common)
+  assert f'--filter {caption_model}: a BLIP caption model has no ITM head; the filter is a retrieval or pretrain' in err
+  retrieval_model = _save(blip.build('retrieval', trained[1].config, seed=1), trained[1].config, 'retrieval', tok,
+                          tmp_path / 'retrieval')
+  err = _error(capsys, '--captioner', retrieval_model, '--filter', model_dir, *common)
+  assert f'--captioner {retrieval_model}: a BLIP retrieval model has no text decoder' in err
+  err = _error(capsys, '--captioner', model_dir, '--filter', model_dir, *common[:-2], '--out', tmp_path / 'o',
+               '--threshold', 2)
+  assert '--threshold is a probability in [0, 1], got 2.0' in err
+  err = _error(capsys, '--captioner', model_dir, '--filter', model_dir, '--data', tmp_path / 'pairs.json',
+               '--out', tmp_path / 'o')
+  assert 'pairs.json: no such annotation file' in err
+  (tmp_path / 'pairs.json').write_text('[]')
+  err = _error(capsys, '--captioner', model_dir, '--filter', model_dir, '--data', tmp_path / 'pairs.json',
+               '--out', tmp_path / 'o')
+  assert 'needs --image-root' in err
+  err = _error(capsys, '--captioner', model_dir, '--filter', model_dir, '--data', 'synthetic_scenes/tiny',
+               '--data-dir', scenes[0], '--split', 'dev', '--out', tmp_path / 'o')
+  assert "--split dev: synthetic_scenes has the splits ['test', 'train', 'validation']" in err
+
+
+# ------------------------------------------------------------------------------ the loop's last step
+
+def test_pretrain_capfilt_config_trains_on_the_output(full, tmp_path):
+  spec = importlib.util.spec_from_file_location('pretrain_capfilt', ROOT / 'configs' / 'pretrain_capfilt.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / 'capfilt'
+  shutil.copytree(full[0], out, ignore=shutil.ignore_patterns('parts'))
+  config = module.get_config(f'tiny,{out}')
+  assert config.data.annotations.train == str(out / 'annotations.json')
+  config.num_steps = 2
+  metrics = loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert np.isfinite(metrics['retrieval/r_mean'])
+  lines = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert np.isfinite([l['train/loss'] for l in lines if 'train/loss' in l]).all()
+  # The blip_annotations builder read every kept pair (one entry per caption).
+  kept = len(json.loads((out / 'annotations.json').read_text()))
+  assert datasets.builder(config.data).info.splits['train'].num_examples == kept
