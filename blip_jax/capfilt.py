@@ -377,6 +377,17 @@ def _local(x, mesh):
   return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(('data', 'fsdp'))))
 
 
+def _replicate(state, sharding):
+  """Every leaf on every device of the mesh, from each process's own copy (a plain device_put
+  would be a cross-host transfer from the device the weights were loaded on)."""
+  def put(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # dropout RNG streams: via their raw data
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  return jax.tree.map(put, state)
+
+
 def _prefetch(fn, items, ahead: int = 2):
   """`fn(item)` for each item, computed up to `ahead` items in advance on a thread."""
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -459,8 +470,8 @@ class Run:
                               image_function(self.cap.transform, self.cap.image_size), args.batch_size,
                               shuffle=False, drop_remainder=False, sharding=state_lib.batch_sharding(self.mesh))
     replicated = NamedSharding(self.mesh, P())  # the models on every device, the batch split over them
-    self.cap_state = jax.device_put(self.cap.state, replicated)
-    self.filt_state = self.cap_state if self.filt is self.cap else jax.device_put(self.filt.state, replicated)
+    self.cap_state = _replicate(self.cap.state, replicated)
+    self.filt_state = self.cap_state if self.filt is self.cap else _replicate(self.filt.state, replicated)
     self.images = ImageWriter(b, args.split, args.out)
 
   def load(self, step: int):
@@ -604,7 +615,18 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument('--copy-split', action='append', default=[],
                   help='also write this split unfiltered to OUT/<split>.json (e.g. validation, for evaluation)')
   ap.add_argument('--max-chunks', type=int, help='stop after this many chunks (run again to continue)')
+  ap.add_argument('--multihost', action='store_true',
+                  help='call jax.distributed.initialize() (TPU pods, SLURM); also done when JAX_COORDINATOR_ADDRESS is set')
   return ap
+
+
+def init_distributed(multihost: bool) -> None:
+  """Join the other processes, as train.py does: every host runs the same command."""
+  if multihost or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    env = {'coordinator_address': os.environ['JAX_COORDINATOR_ADDRESS']} if 'JAX_COORDINATOR_ADDRESS' in os.environ else {}
+    if 'JAX_NUM_PROCESSES' in os.environ:
+      env.update(num_processes=int(os.environ['JAX_NUM_PROCESSES']), process_id=int(os.environ['JAX_PROCESS_ID']))
+    jax.distributed.initialize(**env)
 
 
 def check_args(args) -> None:
@@ -671,8 +693,10 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
+  args = sys.argv[1:] if argv is None else argv
+  init_distributed('--multihost' in args)
   try:
-    run(argv)
+    run(args)
   except InputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -8,6 +8,9 @@ import json
 import os
 import pathlib
 import shutil
+import socket
+import subprocess
+import sys
 import types
 
 import jax
@@ -177,6 +180,33 @@ def test_a_resumed_run_writes_what_an_uninterrupted_run_writes(scenes, trained, 
   strict = _run(*argv, '--threshold', 0.9)
   assert strict['web']['kept'] + strict['synthetic']['kept'] == len(json.loads((out / 'annotations.json').read_text()))
   assert strict['web']['kept'] < summary['web']['kept']
+
+
+# ------------------------------------------------------------------------------ many processes
+
+def test_two_processes_write_what_one_writes(scenes, trained, full, tmp_path):
+  """`python -m blip_jax.capfilt` on every host, joined by the JAX_COORDINATOR_ADDRESS environment
+  (as train.py): each process loads and writes its half of every batch (parts part-00000-* and
+  part-00001-*), the batch is sharded over both processes' devices, and the output is the
+  1-process output (sampling keys do not depend on the sharding)."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  out = tmp_path / 'out'
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'blip_jax.capfilt', *map(str, _argv(scenes, trained[0], out, '--copy-split', 'validation'))],
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo',
+           'JAX_COORDINATOR_ADDRESS': f'localhost:{port}', 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)},
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) for i in range(2)]
+  for proc in procs:
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+  assert len(list((out / 'parts').glob('part-00001-*.jsonl'))) == 4
+  ours, theirs = (json.loads((d / 'annotations.json').read_text()) for d in (out, full[0]))
+  assert [{k: v for k, v in e.items() if k != 'itm_score'} for e in ours] == \
+         [{k: v for k, v in e.items() if k != 'itm_score'} for e in theirs]
+  np.testing.assert_allclose([e['itm_score'] for e in ours], [e['itm_score'] for e in theirs], atol=1e-5)
+  assert (out / 'validation.json').read_bytes() == (full[0] / 'validation.json').read_bytes()
 
 
 # ------------------------------------------------------------------------------ no drift
