@@ -230,8 +230,8 @@ def read_web_texts(b, family: str, split: str) -> tuple[list, list[list[str]]]:
   """Every record's image id and captions (its web texts), in record order."""
   from blip_jax.data import examples as examples_lib
   rows = [examples_lib._caption_rows(family, r) for r in examples_lib.read_text_fields(b, split)]
-  ids = [i.decode() if isinstance(i, bytes) else i.item() if hasattr(i, 'item') else i for i, _ in rows]
-  return ids, [list(c) for _, c in rows]
+  as_json = lambda i: i.decode() if isinstance(i, bytes) else i.item() if isinstance(i, np.generic) else i
+  return [as_json(i) for i, _ in rows], [list(c) for _, c in rows]
 
 
 def corrupt(texts: list[list[str]], fraction: float, seed: int) -> tuple[list[list[str]], list[list[bool]]]:
@@ -262,15 +262,15 @@ def corrupt(texts: list[list[str]], fraction: float, seed: int) -> tuple[list[li
 
 
 def web_table(texts: list[list[str]], filt: Predictor, text_length: int):
-  """The loader's columns: web text ids / mask [N, W, T] (W = most texts of a record; missing
-  ones are empty and ignored), the count per record and the record index."""
+  """The loader's columns: web text ids / mask [N, W, T] (W = most texts of a record; the
+  missing ones are empty texts whose scores are not read) and the record index."""
   from blip_jax.data.text import pre_caption
   w = max(1, max(len(t) for t in texts))
   flat = [pre_caption(t[j], MAX_WORDS) if j < len(t) else '' for t in texts for j in range(w)]
   ids, mask = filt.tokenizer.encode(flat, text_length)
   n = len(texts)
   return {'web_ids': ids.reshape(n, w, text_length), 'web_mask': mask.reshape(n, w, text_length),
-          'web_count': np.asarray([len(t) for t in texts], np.int32), 'record': np.arange(n)}
+          'record': np.arange(n)}
 
 
 # ---------------------------------------------------------------------------------- output files
