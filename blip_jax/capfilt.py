@@ -11,7 +11,8 @@ captions (the softmax of the ITM logits at index 1, "match"), and the pairs scor
 `--threshold` (default 0.5: the originals keep the ITM argmax "match") are kept.
 
 `--data` is a dataset the project builds (`synthetic_scenes/<size>`, `coco_captions`) or a caption
-annotation JSON (BLIP's format, with `--image-root`); each record's captions are its web texts.
+annotation JSON (BLIP's format, with `--image-root`; built once into OUT/source_tfds, whose record
+order is TFDS's, not the file's); each record's captions are its web texts.
 `--corrupt-fraction F` simulates noisy web text: F of all web texts (chosen with `--seed`) are
 replaced by a caption of another image, and the summary reports how well the filter finds them.
 
