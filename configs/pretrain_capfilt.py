@@ -2,7 +2,9 @@
 same small model, losses and 1100 steps of 32) on the kept web texts and synthetic captions of
 `python -m blip_jax.capfilt`, so the run compares with the default run on the original captions.
 
-The whole loop on synthetic_scenes/small (2 CPU cores: about 9 + 1.5 + 9 minutes):
+The whole loop on synthetic_scenes/small (on 2 CPU cores step 1 takes 9 minutes, step 2 one minute
+(2026-11-25: 5841 of 10000 web texts and 3851 of 6000 synthetic captions kept, precision 0.60 /
+recall 0.83 on the replaced texts), step 3 trains as long as step 1):
 
     python train.py                                        # 1. pretrain: runs/default/model
     python -m blip_jax.capfilt --captioner runs/default/model --filter runs/default/model \\
