@@ -4,7 +4,7 @@ same small model, losses and 1100 steps of 32) on the kept web texts and synthet
 
 The whole loop on synthetic_scenes/small (on 2 CPU cores step 1 takes 9 minutes, step 2 one minute
 (2026-11-25: 5841 of 10000 web texts and 3851 of 6000 synthetic captions kept, precision 0.60 /
-recall 0.83 on the replaced texts), step 3 trains as long as step 1):
+recall 0.83 on the replaced texts), step 3 the same 1100 steps as step 1):
 
     python train.py                                        # 1. pretrain: runs/default/model
     python -m blip_jax.capfilt --captioner runs/default/model --filter runs/default/model \\
