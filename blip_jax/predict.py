@@ -37,6 +37,8 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from blip_jax import features
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 BLIP_TEXT_LENGTH = 35  # the originals' retrieval / ITM / question length
 BLIP2_TEXT_LENGTH = 32  # LAVIS Blip2Qformer.max_txt_len
@@ -191,34 +193,12 @@ class Predictor:
 
   def image_features(self, images: Images):
     """Normalised ITC image features [N, E] (BLIP-2: [N, queries, E])."""
-    return images.map(lambda x: self.run('image_feat', image_features, x), 'images')
+    return images.map(lambda x: self.run('image_feat', features.image_features, x), 'images')
 
   def text_features(self, texts) -> np.ndarray:
     """Normalised ITC text features [N, E]."""
     ids, mask = self.encode(texts)
-    return np.asarray(self.run('text_feat', text_features, ids, mask))
-
-
-def image_features(m, images):
-  """ITC image features of any family (BLIP-2: one per query)."""
-  from blip_jax.models.layers import l2_normalize
-  return l2_normalize(m.encode_image(images)) if hasattr(m, 'encode_image') else m.image_features(m.image_embeds(images))
-
-
-def text_features(m, ids, mask):
-  """ITC text features of any family."""
-  from blip_jax.models.layers import l2_normalize
-  if hasattr(m, 'encode_text'):
-    return l2_normalize(m.encode_text(ids, mask))
-  if hasattr(m, 'text_embeds'):  # BLIP: the text encoder's [CLS]
-    return m.text_features(m.text_embeds(ids, mask))
-  return m.text_features(ids, mask)  # BLIP-2: the Q-Former on the text alone
-
-
-def cosine(image_feat, text_feat):
-  """Cosine [N_img, N_txt] of normalised features; BLIP-2's best query per image."""
-  sim = np.einsum('...e,te->...t', np.asarray(image_feat), np.asarray(text_feat))
-  return sim.max(1) if sim.ndim == 3 else sim
+    return np.asarray(self.run('text_feat', features.text_features, ids, mask))
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -314,7 +294,7 @@ def itm(p: Predictor, images: Images, args) -> list[dict]:
   def scores(m, x):
     embeds = m.image_embeds(x)
     b = x.shape[0]
-    itc = m.similarity(m.image_features(embeds), text_features(m, ids, mask))
+    itc = m.similarity(m.image_features(embeds), features.text_features(m, ids, mask))
     logits = m.itm_logits(jnp.repeat(embeds, n, 0), jnp.tile(ids, (b, 1)), jnp.tile(mask, (b, 1)))
     return jax.nn.softmax(logits, -1)[:, 1].reshape(b, n), itc
 
@@ -351,7 +331,7 @@ def retrieve_query(p: Predictor, args) -> list[dict]:
     queries += list(zip(query_images.paths, p.image_features(query_images)))
   rows = []
   for query, feature in queries:
-    scores = cosine(index['features'], feature[None])[:, 0]
+    scores = features.cosine(index['features'], feature[None])[:, 0]
     for rank, i in enumerate(np.argsort(-scores, kind='stable')[:args.top]):
       rows.append({'query': query, 'rank': rank + 1, 'image': str(index['paths'][i]), 'score': round(float(scores[i]), 4)})
   return rows
@@ -424,7 +404,7 @@ def classify(p: Predictor, images: Images, args) -> list[dict]:
     scale = 1.0 / float(p.run('temp', lambda m: m.temp[...]))
   else:
     scale = float(p.run('scale', lambda m: jnp.exp(m.logit_scale[...])))
-  probs = np.asarray(jax.nn.softmax(scale * cosine(p.image_features(images), classifier), axis=-1))
+  probs = np.asarray(jax.nn.softmax(scale * features.cosine(p.image_features(images), classifier), axis=-1))
   k = min(args.top, len(classes))
   rows = []
   for path, prob in zip(images.paths, probs):

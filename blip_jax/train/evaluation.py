@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from blip_jax import generate
+from blip_jax import features, generate
 from blip_jax.data import examples as examples_lib
 from blip_jax.data.loader import BatchLoader
 from blip_jax.evaluate import captions as caption_metrics
@@ -125,14 +125,8 @@ class Evaluator:
 
   # ---------------------------------------------------------------------- retrieval
   def text_features(self, state, ids, mask) -> np.ndarray:
-    """ITC text features [N, E] of token ids [N, L], in batches of one shape."""
-    family = self.task.family
-    if family == 'clip':
-      run = self._fn('clip_text', lambda m, ids, mask: m.encode_text(ids, mask))
-    elif family == 'blip':
-      run = self._fn('text_feat', lambda m, ids, mask: m.text_features(m.text_embeds(ids, mask)))
-    else:
-      run = self._fn('text_feat', lambda m, ids, mask: m.text_features(ids, mask))
+    """Normalised ITC text features [N, E] of token ids [N, L], in batches of one shape."""
+    run = self._fn('text_feat', features.text_features)
     out = []
     for rows in _chunks(len(ids), self.batch):
       padded = _padded(rows, self.batch)
@@ -142,20 +136,14 @@ class Evaluator:
   def retrieval(self, state) -> dict[str, float]:
     family, index = self.task.family, self.data.index
     if family == 'clip':
-      image_feat = self.image_outputs(state, 'clip_image', lambda m, x: m.encode_image(x))
+      image_feat = self.image_outputs(state, 'image_feat', features.image_features)
     else:
       image_embeds, image_feat = self.image_outputs(
           state, 'image_embeds', lambda m, x: (lambda e: (e, m.image_features(e)))(m.image_embeds(x)))
-    text_feat = self.text_features(state, index.text_ids, index.text_mask)
+    sim = features.cosine(image_feat, self.text_features(state, index.text_ids, index.text_mask))
     if family == 'clip':
-      norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-      sim = norm(image_feat) @ norm(text_feat).T
       self.scores = {'i2t': sim, 't2i': sim.T}
       return retrieval.recalls(sim, index.img2txt, index.txt2img)
-    if family == 'blip':
-      sim = image_feat @ text_feat.T
-    else:  # BLIP-2: max over the query features
-      sim = np.einsum('iqe,te->iqt', image_feat, text_feat).max(1)
     itm = self._fn('itm', lambda m, embeds, ids, mask: m.itm_logits(embeds, ids, mask)[:, 1])
 
     def pair_scores(image_index, text_index):
@@ -177,15 +165,7 @@ class Evaluator:
     zs = self.data.zero_shot
     text_feat = self.text_features(state, zs.prompt_ids, zs.prompt_mask)
     classes = np.asarray(ensemble_prompts(text_feat.reshape(-1, zs.num_templates, text_feat.shape[-1])))
-    if self.task.family == 'clip':
-      fn = lambda m, x: m.encode_image(x)
-    else:
-      fn = lambda m, x: m.image_features(m.image_embeds(x))
-    image_feat = self.image_outputs(state, 'zero_shot_image', fn, zs.images)
-    image_feat = image_feat / np.linalg.norm(image_feat, axis=-1, keepdims=True)
-    scores = np.einsum('...e,ce->...c', image_feat, classes)
-    if scores.ndim == 3:  # [N, queries, C]
-      scores = scores.max(1)
+    scores = features.cosine(self.image_outputs(state, 'image_feat', features.image_features, zs.images), classes)
     ks = [k for k in (1, 5) if k == 1 or k < len(classes)]  # top-5 of 5 classes or fewer says nothing
     return classification.topk_accuracy(scores, zs.labels, ks)
 
