@@ -230,7 +230,7 @@ def open_source(data, split: str):
 def read_web_texts(b, family: str, split: str) -> tuple[list, list[list[str]]]:
   """Every record's image id and captions (its web texts), in record order."""
   from blip_jax.data import examples as examples_lib
-  rows = [examples_lib._caption_rows(family, r) for r in examples_lib.read_text_fields(b, split)]
+  rows = [examples_lib.caption_rows(family, r) for r in examples_lib.read_text_fields(b, split)]
   as_json = lambda i: i.decode() if isinstance(i, bytes) else i.item() if isinstance(i, np.generic) else i
   return [as_json(i) for i, _ in rows], [list(c) for _, c in rows]
 
@@ -653,11 +653,7 @@ def run(argv=None) -> dict:
   check_models(args.captioner, args.filter)  # before the slow steps: building data, loading weights
   data = source_config(args)
   os.makedirs(os.path.join(args.out, 'parts'), exist_ok=True)
-  if jax.process_index() == 0:
-    b, family = open_source(data, args.split)  # process 0 builds the dataset, as in training
-  _sync('capfilt: dataset prepared')
-  if jax.process_index() != 0:
-    b, family = open_source(data, args.split)
+  b, family = open_source(data, args.split)  # process 0 builds the dataset, as in training
   image_ids, web = read_web_texts(b, family, args.split)
   texts, replaced = corrupt(web, args.corrupt_fraction, args.seed)
   settings = {'captioner': os.path.abspath(args.captioner), 'captioner_files': model_fingerprint(args.captioner),

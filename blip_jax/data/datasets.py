@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import tensorflow_datasets as tfds
 
 from blip_jax.data import annotations, synthetic_scenes
@@ -22,7 +23,18 @@ FILE_FORMAT = 'array_record'
 
 
 def builder(data) -> tfds.core.DatasetBuilder:
-  """The (prepared) dataset builder of `data`; builds it on first use."""
+  """The (prepared) dataset builder of `data`; builds it on first use. In a multi-host run the
+  first process prepares it while the others wait, then they open what it wrote."""
+  if jax.process_count() == 1:
+    return _prepared(data)
+  from jax.experimental import multihost_utils
+  if jax.process_index() == 0:
+    b = _prepared(data)
+  multihost_utils.sync_global_devices(f'dataset {data["name"]} prepared')
+  return b if jax.process_index() == 0 else _prepared(data)
+
+
+def _prepared(data) -> tfds.core.DatasetBuilder:
   name, data_dir = data['name'], data.get('data_dir') or None
   if name.startswith('synthetic_scenes'):
     config = name.split('/')[1] if '/' in name else 'small'

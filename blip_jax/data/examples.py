@@ -71,7 +71,7 @@ def _str(x) -> str:
   return x.decode() if isinstance(x, bytes) else str(x)
 
 
-def _caption_rows(name: str, record: dict):
+def caption_rows(name: str, record: dict):
   """(image_id, [captions]) of one record."""
   if name == 'coco_captions':
     return int(record['image/id']), [_str(t) for t in record['captions']['text']]
@@ -108,7 +108,7 @@ def pairs(name: str, records: list[dict], tokenizer, max_length: int, prompt: st
   """`prompt` is prepended to every cleaned caption (caption fine-tuning's 'a picture of ')."""
   name = family(name)
   rows = [(r, image_id, prompt + pre_caption(c, max_words)) for r, rec in enumerate(records)
-          for image_id, caps in [_caption_rows(name, rec)] for c in caps]
+          for image_id, caps in [caption_rows(name, rec)] for c in caps]
   ids, mask = tokenizer.encode([t for _, _, t in rows], max_length)
   return Examples(np.asarray([[r] for r, _, _ in rows]), ('image',),
                   {'text_ids': ids, 'text_mask': mask, 'image_id': _image_ids([i for _, i, _ in rows])})
@@ -149,7 +149,7 @@ def retrieval_index(name: str, records: list[dict], tokenizer, max_length: int, 
   name = family(name)
   texts, txt2img, img2txt = [], [], []
   for r, rec in enumerate(records):
-    _, caps = _caption_rows(name, rec)
+    _, caps = caption_rows(name, rec)
     img2txt.append(np.arange(len(texts), len(texts) + len(caps)))
     texts += [pre_caption(c, max_words) for c in caps]
     txt2img += [r] * len(caps)

@@ -74,7 +74,7 @@ def _prepare_data(config, b, task, tokenizer, image_size, mesh):
 
 
 def _zero_shot_data(zs, data, tokenizer, image_fn, batch_size, common) -> evaluation.ZeroShotData:
-  b = _prepared_builder({'name': zs.dataset, 'data_dir': data.get('data_dir')})
+  b = datasets.builder({'name': zs.dataset, 'data_dir': data.get('data_dir')})
   names = list(zs.class_names)
   if not names:
     label = b.info.features[zs.label_key] if zs.label_key in b.info.features else None
@@ -89,18 +89,6 @@ def _zero_shot_data(zs, data, tokenizer, image_fn, batch_size, common) -> evalua
   examples = examples_lib.classification(b, zs.split, zs.image_key, zs.label_key, zs.first_label, len(names))
   return evaluation.ZeroShotData(BatchLoader(examples, b.as_data_source(zs.split), image_fn, batch_size, **common),
                                  examples.columns['label'], ids, mask, len(zs.templates))
-
-
-def _prepared_builder(data):
-  """`datasets.builder(data)`, prepared by the first process alone while the others wait."""
-  if jax.process_index() == 0:
-    b = datasets.builder(data)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f'dataset {data["name"]} prepared')
-  if jax.process_index() != 0:
-    b = datasets.builder(data)
-  return b
 
 
 def _model_config(config, task, tokenizer):
@@ -177,7 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Train (or, with `config.eval_only`, evaluate) as `config` says; returns the final metrics."""
   os.makedirs(workdir, exist_ok=True)
   task = tasks_lib.get(config.task)
-  b = _prepared_builder(config.data)
+  b = datasets.builder(config.data)
   tokenizer = datasets.tokenizer(config.data, b)
   model_config = _model_config(config, task, tokenizer)
   image_size = model_config.vision.image_size
