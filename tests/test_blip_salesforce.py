@@ -143,6 +143,7 @@ def test_pretrain_training_state_is_loaded(tmp_path, pretrain_ref):
   model, cfg, report = load_torch(_save(tmp_path, sd), **OVERRIDES)
   assert cfg.queue_size == 10 and not report.skipped.keys() & {'image_queue', 'queue_ptr'}
   np.testing.assert_array_equal(model.image_queue[...], sd['image_queue'].numpy())
+  assert int(model.queue_filled[...][0]) == cfg.queue_size  # a loaded queue holds real features
   np.testing.assert_array_equal(model.text_proj_m.kernel[...], sd['text_proj_m.weight'].numpy().T)
 
 

@@ -79,6 +79,11 @@ def test_momentum_update_and_queue_enqueue_follow_the_reference_equations():
   np.testing.assert_array_equal(model.idx_queue[...][0, ptr:], np.asarray(ids))
   np.testing.assert_array_equal(model.image_queue[...][:, :ptr], old[:, :ptr])
   assert int(model.ptr_queue[...][0]) == 0
+  # Slots filled so far: the batch's 8 (from a fresh queue), at most the queue size.
+  assert int(model.queue_filled[...][0]) == 8
+  model.queue_filled[...] = jnp.asarray([size - 4], jnp.int32)
+  tasks._enqueue(model, image_feat, text_feat, ids)
+  assert int(model.queue_filled[...][0]) == size
 
 
 def test_itc_targets_with_same_id_positives_and_distillation():
@@ -93,15 +98,18 @@ def test_itc_targets_with_same_id_positives_and_distillation():
   queue = {k: np.array(getattr(model, k)[...]) for k in ('image_queue', 'text_queue', 'idx_queue')}
   queue['idx_queue'][0, :3] = [3, 9, 7]  # queue entries that share ids with the batch
   model.idx_queue[...] = jnp.asarray(queue['idx_queue'])
+  filled = model.config.queue_size - 5  # the last 5 slots still hold their random initial values
+  model.queue_filled[...] = jnp.asarray([filled], jnp.int32)
   alpha = 0.4
   loss, image_feat, text_feat = tasks.itc_with_momentum(model, images, model.image_embeds(images), ids, mask,
                                                         alpha, image_ids)
   l2 = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   feat_m_i = l2(np.asarray(model.vision_proj_m(model.visual_encoder_m(images)[:, 0])))
   feat_m_t = l2(np.asarray(model.text_proj_m(model.text_encoder_m(ids, mask, mode='text')[:, 0])))
-  image_all = np.concatenate([feat_m_i, queue['image_queue'].T])
-  text_all = np.concatenate([feat_m_t, queue['text_queue'].T])
-  ids_all = np.concatenate([np.asarray(image_ids), queue['idx_queue'][0]])
+  # Slots never written are no negatives: the reference leaves them out.
+  image_all = np.concatenate([feat_m_i, queue['image_queue'][:, :filled].T])
+  text_all = np.concatenate([feat_m_t, queue['text_queue'][:, :filled].T])
+  ids_all = np.concatenate([np.asarray(image_ids), queue['idx_queue'][0, :filled]])
   pos = (np.asarray(image_ids)[:, None] == ids_all[None]).astype(np.float64)
   pos /= pos.sum(1, keepdims=True)
   temp = float(model.temp[...])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -181,8 +182,10 @@ def convert(ckpt: Checkpoint, task: str = 'auto', *, strict: bool = True,
     expected_missing.append((r'^temp$', 'HF layout has no ITC temperature; initialised to 0.07'))
   if not has_momentum:
     expected_missing.append((r'_m\.', 'no momentum copy in the checkpoint; copied from the online weights'))
-    expected_missing.append((r'^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr)$',
+    expected_missing.append((r'^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr|queue_filled)$',
                              'no queue in the checkpoint; freshly initialised'))
+  else:
+    expected_missing.append((r'^queue_filled$', 'ours only: every slot of a loaded queue is filled'))
 
   rules = Rules(
       path_renames=((r'^cls_head\.layers\.', 'cls_head.'),),
@@ -195,4 +198,6 @@ def convert(ckpt: Checkpoint, task: str = 'auto', *, strict: bool = True,
   if cfg.with_momentum and not has_momentum:
     for online, momentum in model.momentum_pairs():
       nnx.update(momentum, nnx.state(online, nnx.Param))
+  if has_momentum and hasattr(model, 'queue_filled'):
+    model.queue_filled[...] = jnp.full((1,), cfg.queue_size, jnp.int32)
   return model, cfg, report

@@ -131,6 +131,11 @@ class BlipRetrieval(BlipFeatureExtractor):
     if self.with_idx_queue:
       self.idx_queue = Queue(jnp.full((1, cfg.queue_size), -100, jnp.int32))
     setattr(self, self.queue_pointer_name, Queue(jnp.zeros((1,), jnp.int32)))
+    # How many slots hold real features (written by a step, or loaded from a checkpoint). The
+    # originals use the random initial slots as ITC negatives; from a random init that drives
+    # ITC to a collapse it does not leave (every feature alike, measured on synthetic_scenes),
+    # so slots never written are left out of the ITC softmax (tasks.itc_with_momentum).
+    self.queue_filled = Queue(jnp.zeros((1,), jnp.int32))
 
   def momentum_pairs(self):
     return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),

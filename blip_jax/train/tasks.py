@@ -57,6 +57,7 @@ def _enqueue(model, image_feat_m, text_feat_m, image_ids):
   if model.with_idx_queue:
     model.idx_queue[...] = write(model.idx_queue[...], image_ids[:, None])
   ptr_var[...] = (ptr_var[...] + image_feat_m.shape[0]) % model.config.queue_size
+  model.queue_filled[...] = jnp.minimum(model.queue_filled[...] + image_feat_m.shape[0], model.config.queue_size)
 
 
 def itc_with_momentum(model, images, image_embeds, text_ids, text_mask, alpha, image_ids=None):
@@ -64,7 +65,8 @@ def itc_with_momentum(model, images, image_embeds, text_ids, text_mask, alpha, i
   `alpha * softmax(sim_m) + (1 - alpha) * positives`; enqueues the momentum features.
 
   Returns (loss, image_feat, text_feat). Positives: the diagonal (pretraining) or every pair
-  with the same image id, the queue's ids included (retrieval), normalised per row.
+  with the same image id, the queue's ids included (retrieval), normalised per row. Queue slots
+  not yet filled with a real feature (`model.queue_filled`) are masked out of both softmaxes.
   """
   image_feat = model.image_features(image_embeds)
   text_feat = model.text_features(model.text_embeds(text_ids, text_mask))
@@ -82,10 +84,13 @@ def itc_with_momentum(model, images, image_embeds, text_ids, text_mask, alpha, i
     ids_all = jnp.concatenate([image_ids, model.idx_queue[...][0]])
     pos = (image_ids[:, None] == ids_all[None, :]).astype(jnp.float32)
     targets = pos / pos.sum(1, keepdims=True)
-  targets_i2t = alpha * jax.nn.softmax(stop(image_feat_m @ text_all.T / temp), -1) + (1 - alpha) * targets
-  targets_t2i = alpha * jax.nn.softmax(stop(text_feat_m @ image_all.T / temp), -1) + (1 - alpha) * targets
-  loss = (objectives.soft_cross_entropy(image_feat @ text_all.T / temp, targets_i2t)
-          + objectives.soft_cross_entropy(text_feat @ image_all.T / temp, targets_t2i)) / 2
+  real = jnp.concatenate([jnp.ones((b,), bool), jnp.arange(model.config.queue_size) < model.queue_filled[...][0]])
+  # A large finite logit, not -inf: the masked slots' targets are 0, and 0 * log(0) must stay 0.
+  sims = lambda queries, keys: jnp.where(real, queries @ keys.T / temp, -1e9)
+  targets_i2t = alpha * jax.nn.softmax(stop(sims(image_feat_m, text_all)), -1) + (1 - alpha) * targets
+  targets_t2i = alpha * jax.nn.softmax(stop(sims(text_feat_m, image_all)), -1) + (1 - alpha) * targets
+  loss = (objectives.soft_cross_entropy(sims(image_feat, text_all), targets_i2t)
+          + objectives.soft_cross_entropy(sims(text_feat, image_all), targets_t2i)) / 2
   _enqueue(model, image_feat_m, text_feat_m, image_ids)
   return loss, image_feat, text_feat
 
