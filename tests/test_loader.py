@@ -1,5 +1,11 @@
 """BatchLoader: deterministic order, exactly-once over processes, resumable; task example tables."""
 
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -31,23 +37,71 @@ def _loader(n=50, batch=8, **kw):
   return BatchLoader(_table(n), ArraySource(n), lambda im, seed: im[..., 0].astype(np.float32), batch, **kw)
 
 
-def test_two_processes_see_every_example_once_per_epoch():
+def _epochs(n, batch, epochs, processes=2, **kw):
+  """Per epoch, the example ids all processes loaded together (their valid rows), checking on
+  the way that each image is its example's and the processes' parts make the 1-process batch."""
+  loaders = [_loader(n, batch, process_index=p, process_count=processes, **kw) for p in range(processes)]
+  single = _loader(n, batch, process_index=0, process_count=1, **kw)
+  steps = loaders[0].steps_per_epoch
   seen = []
-  for p in range(2):
-    loader = _loader(process_index=p, process_count=2)
-    for step in range(2 * loader.steps_per_epoch):  # two epochs
-      b = loader.load(step)
-      assert b['image'].shape == (4, 4, 4) and (b['image'][:, 0, 0] == b['id']).all()
-      seen.append((step // loader.steps_per_epoch, step, p, b['id']))
-  for epoch in (0, 1):
-    ids = np.concatenate([i for e, _, _, i in seen if e == epoch])
-    assert len(ids) == len(set(ids.tolist())) == 6 * 8  # 50 // 8 full batches, no repeats
-  # The two processes split each global batch; together they are the 1-process batch.
-  single = _loader(process_index=0, process_count=1)
-  both = {(s, p): i for _, s, p, i in seen}
-  assert all((np.concatenate([both[s, 0], both[s, 1]]) == single.load(s)['id']).all() for s in range(12))
-  # Epochs are shuffled differently.
-  assert not (single.load(0)['id'] == single.load(single.steps_per_epoch)['id']).all()
+  for step in range(epochs * steps):
+    parts = [loader.load(step) for loader in loaders]
+    for b in parts:
+      assert b['image'].shape == (batch // processes, 4, 4) and (b['image'][:, 0, 0] == b['id']).all()
+    ids, valid = (np.concatenate([b[k] for b in parts]) for k in ('id', 'valid'))
+    whole = single.load(step)
+    assert (ids == whole['id']).all() and (valid == whole['valid']).all()
+    if step % steps == 0:
+      seen.append([])
+    seen[-1] += ids[valid].tolist()
+  return steps, seen
+
+
+def test_two_processes_see_every_example_exactly_once_when_the_batch_divides_the_dataset():
+  steps, seen = _epochs(48, 8, 3)
+  assert steps == 6 and all(sorted(ids) == list(range(48)) for ids in seen)
+  assert seen[0] != seen[1]  # each epoch in its own order
+
+
+def test_a_remainder_is_dropped_from_each_epoch_but_a_different_one_each_time():
+  steps, seen = _epochs(50, 8, 8)
+  assert steps == 6  # floor(50 / 8)
+  assert all(len(ids) == len(set(ids)) == 48 for ids in seen)  # distinct, floor(N / B) * B per epoch
+  dropped = [set(range(50)) - set(ids) for ids in seen]
+  assert all(len(d) == 2 for d in dropped) and len({frozenset(d) for d in dropped}) > 1
+  assert set().union(*map(set, seen)) == set(range(50))  # no example left out for good
+
+
+@pytest.mark.parametrize('n', [10, 12])
+def test_evaluation_on_two_processes_sees_every_example_exactly_once_in_order(n):
+  steps, seen = _epochs(n, 4, 1, shuffle=False, drop_remainder=False)
+  assert steps == -(-n // 4) and seen == [list(range(n))]
+
+
+def _devices_run(devices, *args):
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu'}
+  return subprocess.Popen([sys.executable, str(pathlib.Path(__file__).with_name('loader_devices.py')), *args],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _devices_ok(proc):
+  output, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and 'ok ' in output, output[-3000:]
+
+
+def test_global_batches_are_sharded_row_by_row_on_8_devices():
+  """Global `jax.Array`s on meshes 8x1, 4x2 and a reversed device order: each device's shard holds
+  the rows of the 1-process batch at its place (tests/loader_devices.py)."""
+  _devices_ok(_devices_run(8))
+
+
+def test_two_processes_of_4_devices_each_load_the_rows_their_devices_hold():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  procs = [_devices_run(4, '--process_id', str(i), '--num_processes', '2', '--port', str(port)) for i in range(2)]
+  for proc in procs:
+    _devices_ok(proc)
 
 
 def test_same_seed_same_batches_and_resume_continues_with_the_next_batch():
@@ -67,6 +121,7 @@ def test_eval_pads_the_last_batch_and_marks_it_invalid():
   valid = np.concatenate([b['valid'] for b in batches])
   ids = np.concatenate([b['id'] for b in batches])
   assert valid.sum() == 10 and (ids[valid] == np.arange(10)).all()
+  assert (ids[~valid] == 0).all() and not valid[10:].any()  # padding: copies of example 0, marked
 
 
 def test_batch_not_divisible_by_processes_is_an_error():
