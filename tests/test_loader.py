@@ -175,20 +175,106 @@ def test_augmented_batches_are_reproducible_and_in_range(tiny):
   assert not np.allclose(first, again)
 
 
+def test_read_text_fields_decodes_no_image_and_reads_a_chunk_at_a_time(tiny, monkeypatch):
+  import tensorflow_datasets as tfds
+  builder, _, records = tiny
+  source = builder.as_data_source('train')
+  full = source.__getitems__(list(range(len(source))))
+  reads, as_data_source = [], builder.as_data_source
+
+  class Counted:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitems__(self, rows):
+      reads.append(len(rows))
+      return self.source.__getitems__(rows)
+
+  def decode_forbidden(*args, **kwargs):
+    raise AssertionError('an image was decoded')
+
+  monkeypatch.setattr(builder, 'as_data_source', lambda *a, **kw: Counted(as_data_source(*a, **kw)))
+  monkeypatch.setattr(tfds.features.Image, 'decode_example_np', decode_forbidden)
+  monkeypatch.setattr(tfds.features.Image, 'decode_example', decode_forbidden)
+  with pytest.raises(AssertionError, match='an image was decoded'):  # the trap works
+    as_data_source('train')[0]
+  again = ex.read_text_fields(builder, 'train', chunk=5)
+  assert reads == [5, 5, 5, 1]  # 16 records, never more than a chunk in memory
+  assert len(again) == len(full) and all(sorted(r) == sorted(set(f) - {'image', 'pair_image'}) for r, f in zip(again, full))
+  for r, f, first in zip(again, full, records):
+    for k in r:
+      np.testing.assert_array_equal(np.asarray(r[k]), np.asarray(f[k]), err_msg=k)
+      np.testing.assert_array_equal(np.asarray(r[k]), np.asarray(first[k]), err_msg=k)
+
+
+class MockCocoSource:
+  """What `as_data_source` of a prepared coco_captions returns, with tfds's random mock examples:
+  decoded records, or serialized tf.Examples for `DeserializeMethod.RAW_BYTES`. (TFDS 4.9's own
+  mock cannot serialize coco_captions' sequences of dicts, nor batch-read: `__getitems__` drops `self`.)"""
+
+  def __init__(self, features, num_examples, deserialize_method=None):
+    from tensorflow_datasets.testing import mocking
+    self.features, self.n, self.raw = features, num_examples, deserialize_method is not None and (
+        deserialize_method.name == 'RAW_BYTES')
+    self.generator = mocking.RandomFakeGenerator(features, num_examples)
+
+  def __len__(self):
+    return self.n
+
+  def example(self, r):
+    example = self.generator[r]
+    for k, v in example.items():  # the generator draws each field of a sequence of dicts its own length
+      if isinstance(v, dict):  # (and invalid boxes: no objects then)
+        n = 0 if k == 'objects' else min(len(x) for x in v.values())
+        example[k] = {name: x[:n] for name, x in v.items()}
+    return example
+
+  def __getitems__(self, rows):
+    examples = [self.example(r) for r in rows]
+    if self.raw:
+      return [self.features.serialize_example(e) for e in examples]
+    return [self.features.deserialize_example_np(self.features.serialize_example(e)) for e in examples]
+
+
 def test_coco_captions_catalog_adapter_on_mock_data(tiny):
   import tensorflow_datasets as tfds
+  from blip_jax.data import datasets
   _, tok, _ = tiny
-  with tfds.testing.mock_data(num_examples=3):
-    builder = tfds.builder('coco_captions')
-    records = list(tfds.as_numpy(builder.as_dataset(split='train')))
-  captions = [[t.decode() for t in r['captions']['text']] for r in records]
+  splits = []
+
+  def as_data_source(builder, split, decoders=None, deserialize_method=None, **kwargs):
+    assert decoders is None
+    splits.append(split)
+    return MockCocoSource(builder.info.features, 3, deserialize_method)
+
+  with tfds.testing.mock_data(num_examples=3, as_data_source_fn=as_data_source):
+    builder = datasets.builder({'name': 'coco_captions'})
+    records = ex.read_text_fields(builder, 'validation')
+    source = ex.data_source(builder, 'validation')
+    ex.data_source(builder, 'train')
+  assert splits == ['val', 'val', 'train']  # the configs' 'validation' is coco_captions' (Karpathy) 'val'
+  full = source.__getitems__([0, 1, 2])
+  assert 'image' not in records[0] and all(int(r['image/id']) == int(f['image/id']) for r, f in zip(records, full))
+  captions = [[t.decode() for t in r['captions']['text']] for r in full]
+  assert [[t.decode() for t in r['captions']['text']] for r in records] == captions and min(map(len, captions)) > 0
   pairs = ex.pairs('coco_captions', records, tok, 12)
   assert len(pairs) == sum(map(len, captions))
   # Every caption row points at its record, and rows of one record share its image id.
   owner = np.repeat(np.arange(3), [len(c) for c in captions])
   assert (pairs.records[:, 0] == owner).all()
+  np.testing.assert_array_equal(pairs.columns['text_ids'],
+                                tok.encode([ex.pre_caption(c) for caps in captions for c in caps], 12)[0])
   ids = pairs.columns['image_id']
-  assert all(len(set(ids[owner == r].tolist())) == 1 for r in range(3))
+  assert all(len(set(ids[owner == r].tolist())) == 1 for r in range(3)) and len(set(ids.tolist())) == 3
+  # Batches carry each row's own image (here its shape and pixel sum) and text.
+  signature = lambda im, seed: np.asarray([*im.shape, im.astype(np.int64).sum()], np.float32)  # noqa: E731
+  batch = BatchLoader(pairs, source, signature, len(pairs), shuffle=False, drop_remainder=False).load(0)
+  for row, r in enumerate(owner):
+    np.testing.assert_array_equal(batch['image'][row], signature(full[r]['image'], None))
+  np.testing.assert_array_equal(batch['text_ids'], pairs.columns['text_ids'])
   index = ex.retrieval_index('coco_captions', records, tok, 12)
   assert index.texts == [ex.pre_caption(c) for caps in captions for c in caps]
-  assert (index.txt2img == owner).all()
+  assert (index.txt2img == owner).all() and (index.image_records == np.arange(3)).all()
