@@ -59,7 +59,8 @@ def main():
           assert {s.device.id for s in x.addressable_shards} == mine
           for shard in x.addressable_shards:  # 2 rows per device, at the device's place in the mesh
             assert shard.data.shape[0] == batch // 8
-            np.testing.assert_array_equal(np.asarray(shard.data), want[key][shard.index], err_msg=(mesh_name, key, step))
+            np.testing.assert_array_equal(np.asarray(shard.data), want[key][shard.index],
+                                          err_msg=str((mesh_name, key, step)))
         seen.append(multihost_utils.process_allgather(got['id'], tiled=True)[multihost_utils.process_allgather(
             got['valid'], tiled=True)])
       seen = np.concatenate(seen)

@@ -203,7 +203,8 @@ def test_read_text_fields_decodes_no_image_and_reads_a_chunk_at_a_time(tiny, mon
     as_data_source('train')[0]
   again = ex.read_text_fields(builder, 'train', chunk=5)
   assert reads == [5, 5, 5, 1]  # 16 records, never more than a chunk in memory
-  assert len(again) == len(full) and all(sorted(r) == sorted(set(f) - {'image', 'pair_image'}) for r, f in zip(again, full))
+  assert len(again) == len(full)
+  assert all(sorted(r) == sorted(set(f) - {'image', 'pair_image'}) for r, f in zip(again, full))
   for r, f, first in zip(again, full, records):
     for k in r:
       np.testing.assert_array_equal(np.asarray(r[k]), np.asarray(f[k]), err_msg=k)
