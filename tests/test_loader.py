@@ -157,6 +157,31 @@ def test_task_tables_shapes_dtypes_and_ranges(tiny):
   assert all((index.txt2img[t] == i).all() for i, t in enumerate(index.img2txt))
 
 
+def test_synthetic_vqa_and_nlvr_batches_hold_their_records_text_and_images(tiny):
+  builder, tok, records = tiny
+  source = builder.as_data_source('train')
+  full = source.__getitems__(list(range(len(source))))
+  as_is = lambda im, seed: im.astype(np.float32)  # noqa: E731
+  vqa = ex.vqa('synthetic_scenes', records, tok, 16, 6, num_answers=2)
+  assert len(vqa) == sum(len(r['questions']) for r in records)
+  batch = BatchLoader(vqa, source, as_is, 8, seed=2).load(1)
+  rows = BatchLoader(vqa, source, as_is, 8, seed=2).indices(1)
+  question_of = [(r, q) for r, rec in enumerate(records) for q in range(len(rec['questions']))]
+  for b, row in enumerate(rows):
+    r, q = question_of[row]
+    assert vqa.records[row, 0] == r and (batch['image'][b] == full[r]['image']).all()
+    assert tok.decode(batch['question_ids'][b:b + 1]) == [ex.pre_question(records[r]['questions'][q].decode())]
+    assert tok.decode(batch['answer_ids'][b]) == [records[r]['answers'][q].decode(), '']
+    assert batch['weights'][b].tolist() == [1.0, 0.0]
+  nlvr = ex.nlvr('synthetic_scenes', records, tok, 24)
+  batch = BatchLoader(nlvr, source, as_is, 8, shuffle=False).load(1)
+  for b, r in enumerate(range(8, 16)):
+    assert (batch['image0'][b] == full[r]['image']).all() and (batch['image1'][b] == full[r]['pair_image']).all()
+    assert batch['label'][b] == records[r]['label'] and tok.decode(batch['text_ids'][b:b + 1]) == [
+        ex.pre_caption(records[r]['statement'].decode())]
+  assert set(batch['label'].tolist()) <= {0, 1} and batch['label'].dtype == np.int32
+
+
 def test_augmented_batches_are_reproducible_and_in_range(tiny):
   builder, tok, records = tiny
   pairs = ex.pairs('synthetic_scenes', records, tok, 16)
