@@ -87,8 +87,8 @@ def _zero_shot_data(zs, data, tokenizer, image_fn, batch_size, common) -> evalua
   prompts = [pre_caption(t.format(n)) for n in names for t in zs.templates]
   ids, mask = tokenizer.encode(prompts, data.text_length)
   examples = examples_lib.classification(b, zs.split, zs.image_key, zs.label_key, zs.first_label, len(names))
-  return evaluation.ZeroShotData(BatchLoader(examples, examples_lib.data_source(b, zs.split), image_fn, batch_size, **common),
-                                 examples.columns['label'], ids, mask, len(zs.templates))
+  images = BatchLoader(examples, examples_lib.data_source(b, zs.split), image_fn, batch_size, **common)
+  return evaluation.ZeroShotData(images, examples.columns['label'], ids, mask, len(zs.templates))
 
 
 def _model_config(config, task, tokenizer):
