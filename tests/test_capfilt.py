@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from blip_jax import capfilt, generate, model_io, objectives
-from blip_jax.data import datasets, synthetic_scenes as ss
+from blip_jax.data import datasets, examples as examples_lib, synthetic_scenes as ss
 from blip_jax.data.text import pre_caption
 from blip_jax.data.tokenizer import BlipTokenizer
 from blip_jax.data.transforms import image_function
@@ -344,6 +344,9 @@ def test_pretrain_capfilt_config_trains_on_the_output(full, tmp_path):
   assert np.isfinite(metrics['retrieval/r_mean'])
   lines = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert np.isfinite([l['train/loss'] for l in lines if 'train/loss' in l]).all()
-  # The blip_annotations builder read every kept pair (one entry per caption).
-  kept = len(json.loads((out / 'annotations.json').read_text()))
-  assert datasets.builder(config.data).info.splits['train'].num_examples == kept
+  # The blip_annotations builder read every kept pair (one entry per caption) into one record per image.
+  kept = json.loads((out / 'annotations.json').read_text())
+  b = datasets.builder(config.data)
+  assert b.info.splits['train'].num_examples == len({e['image'] for e in kept})
+  records = examples_lib.read_text_fields(b, 'train')
+  assert sorted(c.decode() for r in records for c in r['captions']) == sorted(e['caption'] for e in kept)

@@ -9,7 +9,10 @@ Fine-tune on your own data by writing one JSON list per split in one of these fo
 | `vqa`     | `{"image": ..., "question": ..., "question_id": int, "answer": [..] or "..", "dataset": "vqa" or "vg"}` |
 | `nlvr`    | `{"images": ["a.png", "b.png"], "sentence": ..., "label": true/false or "True"/"False"}` |
 
-Image paths are relative to `image_root`. VQA answers become (unique answer, weight) pairs with
+Image paths are relative to `image_root`. A caption dataset stores each image once, with all
+its captions in file order, however the file lists them: one entry per image with a caption
+list, or one entry per caption (as BLIP's `coco_karpathy_train.json`); entries of one image must
+agree on its `image_id`. VQA answers become (unique answer, weight) pairs with
 the originals' weights (each occurrence counts 1 / number of answers; Visual Genome's single
 answer has weight 1). A missing image or a malformed entry is an error naming the file and the
 entry's index, unless `skip_bad_examples`, which skips it and logs the count.
@@ -67,23 +70,41 @@ def vqa_answer_weights(answers, dataset: str = 'vqa') -> tuple[list[str], list[f
   return list(weights), list(weights.values())
 
 
-def to_example(entry: dict, task: str, image_root: str) -> dict[str, Any]:
+def check_image(path: str, checked: dict[str, str] | None = None) -> None:
+  """Raises `AnnotationError` if `path` is missing or does not decode; `checked` remembers the
+  outcome per path, so an image shared by several entries is decoded once."""
+  if checked is None or path not in checked:
+    problem = ''
+    if not os.path.isfile(path):
+      problem = f'image not found: {path}'
+    else:
+      try:  # decode now, so a corrupt file is reported with its entry instead of failing the build later
+        with Image.open(path) as image:
+          image.load()
+      except Exception as e:  # noqa: BLE001 (PIL raises many types for bad files)
+        problem = f'cannot read image {path}: {e}'
+    if checked is None:
+      checked = {}
+    checked[path] = problem
+  if checked[path]:
+    raise AnnotationError(checked[path])
+
+
+def to_example(entry: dict, task: str, image_root: str, checked: dict[str, str] | None = None) -> dict[str, Any]:
   """One annotation entry -> the builder's feature dict (paths resolved, values normalised)."""
   missing = [k for k in REQUIRED[task] if k not in entry]
   if missing:
     raise AnnotationError(f'missing keys {missing} (a {task} entry needs {list(REQUIRED[task])})')
   paths = entry['images'] if task == 'nlvr' else [entry['image']]
+  if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+    raise AnnotationError(f'image paths must be strings, got {paths!r}')
   paths = [os.path.join(image_root, p) for p in paths]
   for p in paths:
-    if not os.path.isfile(p):
-      raise AnnotationError(f'image not found: {p}')
-    try:  # decode now, so a corrupt file is reported with its entry instead of failing the build later
-      with Image.open(p) as image:
-        image.load()
-    except Exception as e:  # noqa: BLE001 (PIL raises many types for bad files)
-      raise AnnotationError(f'cannot read image {p}: {e}') from None
+    check_image(p, checked)
   if task == 'caption':
-    captions = entry['caption'] if isinstance(entry['caption'], list) else [entry['caption']]
+    captions = list(entry['caption']) if isinstance(entry['caption'], list) else [entry['caption']]
+    if not captions or not all(isinstance(c, str) for c in captions):
+      raise AnnotationError(f'caption must be a string or a non-empty list of strings, got {entry["caption"]!r}')
     return {'image': paths[0], 'captions': captions, 'image_id': str(entry.get('image_id', entry['image']))}
   if task == 'vqa':
     answers, weights = vqa_answer_weights(entry.get('answer', []), entry.get('dataset', 'vqa'))
@@ -104,7 +125,7 @@ class BlipAnnotationsConfig(tfds.core.BuilderConfig):
                skip_bad_examples: bool = False, **kwargs):
     if task not in TASKS:
       raise ValueError(f'task must be one of {TASKS}, got {task!r}')
-    super().__init__(version=tfds.core.Version('1.0.0'), **kwargs)
+    super().__init__(version=BlipAnnotations.VERSION, **kwargs)
     self.task, self.annotations, self.image_root = task, dict(annotations), image_root
     self.skip_bad_examples = skip_bad_examples
 
@@ -112,7 +133,8 @@ class BlipAnnotationsConfig(tfds.core.BuilderConfig):
 class BlipAnnotations(tfds.core.GeneratorBasedBuilder):
   """Image-text data on local disk in BLIP's annotation JSON formats."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.1.0': 'caption task: one record per image with all its captions (was one per entry)'}
 
   def _info(self):
     task = self.builder_config.task
@@ -132,17 +154,29 @@ class BlipAnnotations(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, path):
     cfg = self.builder_config
-    skipped = 0
+    skipped, checked = 0, {}
+    images: dict[str, tuple[int, dict]] = {}  # caption task: image path -> (first entry, its record)
     for index, entry in enumerate(read_annotations(path)):
       try:
         if not isinstance(entry, dict):
           raise AnnotationError(f'expected an object, got {type(entry).__name__}')
-        example = to_example(entry, cfg.task, cfg.image_root)
+        example = to_example(entry, cfg.task, cfg.image_root, checked)
+        if cfg.task == 'caption' and example['image'] in images:
+          first, record = images[example['image']]
+          if record['image_id'] != example['image_id']:
+            raise AnnotationError(f'image {entry["image"]} has image_id {example["image_id"]!r} here but '
+                                  f'{record["image_id"]!r} in entry {first}')
       except (AnnotationError, TypeError, ValueError) as e:
         if not cfg.skip_bad_examples:
           raise AnnotationError(f'{path}, entry {index}: {e}') from None
         skipped += 1
         continue
-      yield index, example
+      if cfg.task != 'caption':
+        yield index, example
+      elif example['image'] in images:
+        images[example['image']][1]['captions'] += example['captions']
+      else:
+        images[example['image']] = index, example
+    yield from images.values()  # each image once, keyed by its first entry
     if skipped:
       logging.warning('%s: skipped %d bad entries (skip_bad_examples=True)', path, skipped)

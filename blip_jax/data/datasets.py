@@ -4,7 +4,7 @@
 |----------------------------|-----------------------------------------------------------------|
 | `synthetic_scenes/<size>`  | generated here (tiny / small / large), with its own vocabulary  |
 | `blip_annotations`         | your files: `data.task` (caption / vqa / nlvr), `data.annotations` {split: JSON path}, `data.image_root` |
-| `coco_captions`            | the TFDS catalog dataset (downloads where the network allows)   |
+| `coco_captions`            | the TFDS catalog dataset (downloads where the network allows); Karpathy splits train / val / test / restval, `validation` read as `val` |
 
 Builders are prepared in the ArrayRecord format, which gives the loaders random access.
 """

@@ -27,6 +27,11 @@ KINDS = ('pairs', 'vqa', 'nlvr')
 # Image features of each dataset family (skipped while reading the text fields).
 IMAGE_FEATURES = {'synthetic_scenes': ('image', 'pair_image'), 'blip_annotations': ('image', 'image0', 'image1'),
                   'coco_captions': ('image',)}
+# The project's split names (configs say 'train' / 'validation') -> a family's own, where they differ.
+# TFDS coco_captions is the Karpathy split: train / val / test / restval ('train+restval' is
+# Karpathy's and BLIP's full training set).
+SPLIT_NAMES = {'coco_captions': {'validation': 'val'}}
+READ_CHUNK = 256  # records read at a time while collecting text fields
 
 
 @dataclasses.dataclass
@@ -58,13 +63,33 @@ def family(dataset_name: str) -> str:
   return name
 
 
-def read_text_fields(builder: tfds.core.DatasetBuilder, split: str) -> list[dict]:
-  """Every record of `split` as numpy, image features left undecoded (they are not read)."""
+def split_name(dataset_name: str, split: str) -> str:
+  """The dataset's own name for `split` (`SPLIT_NAMES`; other names pass through)."""
+  return SPLIT_NAMES.get(dataset_name.split('/')[0], {}).get(split, split)
+
+
+def data_source(builder: tfds.core.DatasetBuilder, split: str, **kwargs):
+  """`builder.as_data_source` of `split` under the dataset's own split name."""
+  return builder.as_data_source(split_name(builder.name, split), **kwargs)
+
+
+def _read_fields(builder: tfds.core.DatasetBuilder, split: str, drop, chunk: int = READ_CHUNK) -> list[dict]:
+  """Every record of `split` without the features `drop`, which are never decoded: records are
+  read as serialized bytes, `chunk` at a time, and parsed for the other features only."""
+  keep = tfds.features.FeaturesDict({k: f for k, f in builder.info.features.items() if k not in drop})
+  source = data_source(builder, split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  out = []
+  for start in range(0, len(source), chunk):
+    rows = list(range(start, min(start + chunk, len(source))))
+    out += [keep.deserialize_example_np(r) for r in source.__getitems__(rows)]
+  return out
+
+
+def read_text_fields(builder: tfds.core.DatasetBuilder, split: str, chunk: int = READ_CHUNK) -> list[dict]:
+  """Every record of `split` as numpy without its image features: images are neither decoded
+  nor kept (only one chunk of serialized records is in memory at a time)."""
   name = family(builder.name)
-  images = [k for k in IMAGE_FEATURES[name] if k in builder.info.features]
-  source = builder.as_data_source(split, decoders={k: tfds.decode.SkipDecoding() for k in images})
-  records = source.__getitems__(list(range(len(source))))
-  return [{k: v for k, v in r.items() if k not in images} for r in records]
+  return _read_fields(builder, split, [k for k in IMAGE_FEATURES[name] if k in builder.info.features], chunk)
 
 
 def _str(x) -> str:
@@ -177,8 +202,7 @@ def classification(builder: tfds.core.DatasetBuilder, split: str, image_key: str
     if key not in features:
       raise ValueError(f'{builder.name}: no feature {key!r} (zero-shot image_key / label_key); '
                        f'it has {sorted(features)}')
-  source = builder.as_data_source(split, decoders={image_key: tfds.decode.SkipDecoding()})
-  labels = np.asarray([int(r[label_key]) for r in source.__getitems__(list(range(len(source))))]) - first_label
+  labels = np.asarray([int(r[label_key]) for r in _read_fields(builder, split, (image_key,))], np.int64) - first_label
   bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
   if len(bad):
     raise ValueError(f'{builder.name}[{split}] record {bad[0]}: {label_key} = {labels[bad[0]] + first_label} is '

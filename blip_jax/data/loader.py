@@ -1,9 +1,16 @@
 """Deterministic, resumable, host-sharded batches as global `jax.Array`s.
 
 The order of examples is a pure function of (seed, epoch): epoch `e` visits
-`permutation(seed, e)` in global batches of `global_batch`, and process `p` of `P` loads rows
-`[p * B / P, (p + 1) * B / P)` of each. So
-- every example is seen exactly once per epoch, across all processes together;
+`permutation(seed, e)` of the N examples in global batches of B, and each process loads only the
+rows of each global batch that its own devices hold (with a `sharding`: the rows its addressable
+devices' shards cover, whatever the mesh's device order; without one: process `p` of `P` loads
+rows `[p * B / P, (p + 1) * B / P)`). So, across all processes together:
+- training (`drop_remainder=True`) runs floor(N / B) steps per epoch and sees floor(N / B) * B
+  distinct examples in each epoch: every example exactly once when B divides N; otherwise the
+  N mod B examples left over are the last of that epoch's permutation, a different random few
+  each epoch, so no example is left out for good;
+- evaluation (`drop_remainder=False`, no shuffle) sees every example exactly once, in order; the
+  last batch is padded to B with copies of example 0 marked `valid = False`;
 - the iterator's whole state is the global step it has reached (`state()` / `start_step`):
   a resumed run loads exactly the batches an uninterrupted run would;
 - image augmentation is seeded by (seed, epoch, example), so it is reproducible too.
@@ -37,13 +44,25 @@ class BatchLoader:
     self.drop_remainder, self.sharding, self.prefetch = drop_remainder, sharding, prefetch
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
-    if global_batch % self.process_count:
-      raise ValueError(f'global batch {global_batch} is not divisible by the {self.process_count} processes')
-    self.local_batch = global_batch // self.process_count
+    self.local_rows = self._local_rows()  # positions in each global batch that this process loads
+    self.local_batch = len(self.local_rows)
     n = len(examples)
     self.steps_per_epoch = n // global_batch if drop_remainder else -(-n // global_batch)
     if self.steps_per_epoch == 0:
       raise ValueError(f'{n} examples make no full batch of {global_batch}; lower the batch size')
+
+  def _local_rows(self) -> np.ndarray:
+    b = self.global_batch
+    if self.sharding is None:
+      if b % self.process_count:
+        raise ValueError(f'global batch {b} is not divisible by the {self.process_count} processes')
+      return np.arange(self.process_index * b // self.process_count, (self.process_index + 1) * b // self.process_count)
+    try:
+      slices = self.sharding.addressable_devices_indices_map((b,)).values()
+    except ValueError as e:
+      raise ValueError(f'global batch {b} does not split evenly over the batch sharding {self.sharding}: {e}') from None
+    rows = sorted({range(b)[s[0]] for s in slices}, key=lambda r: r.start)  # one range per distinct shard
+    return np.concatenate([np.arange(r.start, r.stop) for r in rows])
 
   def order(self, epoch: int) -> np.ndarray:
     n = len(self.examples)
@@ -56,8 +75,7 @@ class BatchLoader:
     epoch, k = divmod(step, self.steps_per_epoch)
     rows = self.order(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
     rows = np.concatenate([rows, np.full(self.global_batch - len(rows), -1)])
-    start = self.process_index * self.local_batch
-    return rows[start:start + self.local_batch]
+    return rows[self.local_rows]
 
   def load(self, step: int) -> dict[str, np.ndarray]:
     """This process's part of the batch at `step`, as numpy."""
@@ -80,7 +98,8 @@ class BatchLoader:
   def to_global(self, batch: dict[str, np.ndarray]):
     if self.sharding is None:
       return batch
-    return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(self.sharding, v, (self.global_batch, *v.shape[1:]))
+            for k, v in batch.items()}
 
   def state(self, step: int) -> dict[str, int]:
     """The iterator position to checkpoint: the next global step to load."""

@@ -47,11 +47,11 @@ def _prepare_data(config, b, task, tokenizer, image_size, mesh):
   records = examples_lib.read_text_fields(b, data.train_split)
   train_examples = examples_lib.build(task.kind, b.name, records, tokenizer, data, prompt=task.prompt)
   augment = dict(scale=(data.min_scale, 1.0), flip=data.flip, randaugment_ops=data.randaugment_ops)
-  loader = BatchLoader(train_examples, b.as_data_source(data.train_split),
+  loader = BatchLoader(train_examples, examples_lib.data_source(b, data.train_split),
                        image_function('blip_train', image_size, **augment),
                        config.batch_size, seed=config.seed, sharding=state_lib.batch_sharding(mesh))
   eval_records = examples_lib.read_text_fields(b, data.eval_split)
-  eval_source = b.as_data_source(data.eval_split)
+  eval_source = examples_lib.data_source(b, data.eval_split)
   eval_image_fn = image_function(_image_transform(task, False), image_size)
   eval_batch = config.eval.batch_size
   common = dict(shuffle=False, drop_remainder=False, sharding=state_lib.batch_sharding(mesh))
@@ -87,8 +87,8 @@ def _zero_shot_data(zs, data, tokenizer, image_fn, batch_size, common) -> evalua
   prompts = [pre_caption(t.format(n)) for n in names for t in zs.templates]
   ids, mask = tokenizer.encode(prompts, data.text_length)
   examples = examples_lib.classification(b, zs.split, zs.image_key, zs.label_key, zs.first_label, len(names))
-  return evaluation.ZeroShotData(BatchLoader(examples, b.as_data_source(zs.split), image_fn, batch_size, **common),
-                                 examples.columns['label'], ids, mask, len(zs.templates))
+  images = BatchLoader(examples, examples_lib.data_source(b, zs.split), image_fn, batch_size, **common)
+  return evaluation.ZeroShotData(images, examples.columns['label'], ids, mask, len(zs.templates))
 
 
 def _model_config(config, task, tokenizer):
