@@ -8,7 +8,10 @@ Each workload builds the PyTorch reference (HF transformers' BLIP / BLIP-2 class
 from a config with random weights, converts its state dict with `blip_jax.convert.load_torch`
 (as the tests do), checks that both sides give the same outputs (a workload whose outputs differ
 by more than `TOL` is not timed), then times the two sides alternately after a warm-up call that
-also compiles the JAX side. Reported per workload: median seconds per call, items/s, the speed
+also compiles the JAX side. Each side runs in a process of its own, built from the same seeds
+(so the same weights), so that the two frameworks' models and activations never share one
+process's memory; `--isolation sequential` times one side after the other for workloads where
+even two processes do not fit. Reported per workload: median seconds per call, items/s, the speed
 ratio torch_s / jax_s (> 1: blip_jax is faster), and the JAX side's GFLOP/s (FLOPs from XLA's
 cost analysis of the compiled function) as a fraction of the best fp32 matmul GFLOP/s measured
 during the run. Weights are random, so nothing is downloaded: it runs offline.
@@ -20,7 +23,9 @@ shows how much of a gap is that.
 Output: an aligned table on stdout (progress on stderr); with --out a JSON list whose first
 element is {"header": {machine, versions, date, measured peaks}} and then one object per
 workload: {workload, size, jax_s, torch_s, ratio, items_per_s_jax, items_per_s_torch, gflops,
-gflops_per_s, peak_fraction, max_abs_diff} (plus "error" for a workload that failed).
+gflops_per_s, peak_fraction, max_abs_diff, isolation, peak_rss_gib: {jax, torch, both}} (plus
+"error" for a workload that failed). `peak_rss_gib`: each side's process peak, and the peak of
+their sum sampled ten times a second.
 Exit status 1 when any workload failed.
 """
 
@@ -28,16 +33,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import functools
+import gc
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable
 
@@ -79,8 +89,10 @@ class Workload:
   jax_fn: Any  # a `jax.jit`-wrapped function, called as jax_fn(*jax_args)
   jax_args: tuple
   torch_fn: Callable[[], Any]  # no arguments; runs under torch.inference_mode() unless `grad`
-  # (jax_out, torch_out) -> max abs difference; by default the outputs' leaves compared in order.
-  check: Callable[[Any, Any], float] | None = None
+  # Each side's output as compared (leaves in order), computed in that side's process; by default
+  # the output itself.
+  jax_result: Callable[[Any], Any] | None = None
+  torch_result: Callable[[Any], Any] | None = None
   # For a training step: the next call's arguments from this call's output (the new state).
   carry: Callable[[Any, tuple], tuple] | None = None
   # FLOPs that XLA's cost analysis misses: it counts a while-loop body once, not per iteration.
@@ -88,29 +100,36 @@ class Workload:
   grad: bool = False
 
 
+def as_numpy(tree) -> list[np.ndarray]:
+  """The leaves of a JAX or PyTorch output as numpy arrays (picklable: they cross processes)."""
+  return [np.asarray(x.detach().numpy() if torch.is_tensor(x) else x)
+          for x in jax.tree.leaves(tree, is_leaf=torch.is_tensor)]
+
+
 def max_abs_diff(jax_out, torch_out) -> float:
-  ours, theirs = jax.tree.leaves(jax_out), jax.tree.leaves(torch_out)
+  ours, theirs = as_numpy(jax_out), as_numpy(torch_out)
   if len(ours) != len(theirs):
     raise ValueError(f'{len(ours)} JAX outputs against {len(theirs)} PyTorch outputs')
   worst = 0.0
   for a, b in zip(ours, theirs):
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b.detach().numpy() if torch.is_tensor(b) else b, np.float64)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
       raise ValueError(f'output shapes differ: JAX {a.shape}, PyTorch {b.shape}')
     worst = max(worst, float(np.abs(a - b).max()))
   return worst
 
 
-def timed_alternately(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+def timed_alternately(fns: dict[str, Callable[[], Any]], repeats: int, *,
+                      timed_by_callee: bool = False) -> dict[str, list[float]]:
   """Seconds per call of each function, calling them in turn `repeats` times, so that load from
-  other processes on the machine falls on both sides alike."""
+  other processes on the machine falls on both sides alike. `timed_by_callee`: each function
+  returns its own seconds (a side's process times its call, without the pipe's round trip)."""
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
+      seconds = fn()
+      times[name].append(seconds if timed_by_callee else time.perf_counter() - start)
   return times
 
 
@@ -139,9 +158,9 @@ def measure_peaks(peaks: dict[str, float], n: int = 2048, tries: int = 3) -> dic
   return peaks
 
 
-def runners(w: Workload):
-  """The workload's JAX call (compiled ahead of time: that gives the cost analysis and keeps
-  compilation out of every timing) and its PyTorch call. Returns (run_jax, run_torch, compiled)."""
+def jax_runner(w: Workload):
+  """The workload's JAX call, compiled ahead of time (that gives the cost analysis and keeps
+  compilation out of every timing), and its FLOPs per call. Returns (run_jax, flops)."""
   compiled = w.jax_fn.lower(*w.jax_args).compile()
   args = [w.jax_args]
 
@@ -151,39 +170,200 @@ def runners(w: Workload):
       args[0] = w.carry(out, args[0])
     return out
 
+  return run_jax, cost_flops(compiled) + (w.extra_flops() if w.extra_flops else 0.0)
+
+
+def torch_runner(w: Workload):
   def run_torch():
     with contextlib.nullcontext() if w.grad else torch.inference_mode():
       return w.torch_fn()
 
-  return run_jax, run_torch, compiled
+  return run_torch
+
+
+def runners(w: Workload):
+  """Both sides' calls in this process (the tests use it). Returns (run_jax, run_torch, flops)."""
+  run_jax, flops = jax_runner(w)
+  return run_jax, torch_runner(w), flops
 
 
 def first_diff(w: Workload, run_jax, run_torch) -> float:
   """Max abs difference of the two sides' outputs on their first calls, which also warm them up
   (allocations, PyTorch's one-off work)."""
-  return (w.check or max_abs_diff)(run_jax(), run_torch())
+  return max_abs_diff((w.jax_result or as_numpy)(run_jax()), (w.torch_result or as_numpy)(run_torch()))
 
 
-def run_workload(name: str, scale: str, repeats: int, peaks: dict[str, float]) -> dict:
-  log(f'[{name}] building the PyTorch model and converting it')
-  w = WORKLOADS[name](scale)
-  row = {'workload': name, 'size': w.size}
-  start = time.perf_counter()
-  run_jax, run_torch, compiled = runners(w)
-  flops = cost_flops(compiled) + (w.extra_flops() if w.extra_flops else 0.0)
-  log(f'[{name}] compiled in {time.perf_counter() - start:.1f} s, {flops / 1e9:.1f} GFLOP per call')
-  diff = row['max_abs_diff'] = first_diff(w, run_jax, run_torch)
-  log(f'[{name}] max abs diff JAX vs PyTorch: {diff:.3g}')
-  if not diff <= TOL:
-    row['error'] = f'outputs differ: max abs diff {diff:.3g} > {TOL}'
-    log(f'[{name}] NOT TIMED: {row["error"]}')
-    return row
-  measure_peaks(peaks)
-  times = timed_alternately({'jax': run_jax, 'torch': run_torch}, repeats)
+# ------------------------------------------------------------------------------- processes
+#
+# Each side runs in a process of its own (a `Side`), so that one framework's model, optimiser
+# state and activations never sit in memory beside the other's: the full-size training step
+# needs that to fit in 24 GiB. Both processes build the workload from the same seeds, so the
+# weights are the same; each then drops the other framework's half. The parent compares the
+# first calls' outputs and, only when they agree, times the sides: alternately, one call each
+# in turn ('alternate'), or, where even two idle sides do not fit, all of one side's calls and
+# then all of the other's ('sequential').
+
+
+def _release_memory():
+  """Hands memory freed by the last call back to the system (glibc keeps it otherwise, and an
+  idle side would hold its peak while the other one runs)."""
+  gc.collect()
+  with contextlib.suppress(OSError, AttributeError):
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+
+
+def _side_main(conn, name: str, scale: str, side: str, torch_threads: int):
+  """A side's process: builds the workload, keeps its own half, answers the parent's commands
+  ('first': the compared output; 'time': seconds of one call; 'stop')."""
+  torch.set_num_threads(torch_threads)
+  try:
+    w = WORKLOADS[name](scale)
+    if side == 'jax':
+      w.torch_fn = w.torch_result = None
+      _release_memory()
+      start = time.perf_counter()
+      run, flops = jax_runner(w)
+      result = w.jax_result or as_numpy
+      conn.send(('ready', {'flops': flops, 'compile_s': time.perf_counter() - start, 'size': w.size,
+                           'items': w.items}))
+    else:
+      w.jax_fn = w.jax_args = w.jax_result = w.carry = w.extra_flops = None
+      _release_memory()
+      run, result = torch_runner(w), w.torch_result or as_numpy
+      conn.send(('ready', {}))
+    while True:
+      command = conn.recv()
+      if command == 'first':
+        out = result(run())
+        _release_memory()
+        conn.send(('ok', out))
+      elif command == 'time':
+        start = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - start
+        _release_memory()
+        conn.send(('ok', seconds))
+      else:
+        conn.send(('ok', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20))  # KiB -> GiB
+        return
+  except Exception as e:  # reported by the parent as the workload's error
+    conn.send(('error', f'{side} side: {type(e).__name__}: {e}'))
+
+
+class Side:
+  """The parent's handle on one side's process."""
+
+  def __init__(self, name: str, scale: str, side: str, torch_threads: int):
+    ctx = multiprocessing.get_context('spawn')  # a fresh interpreter: no state shared with the parent
+    self.side = side
+    self.conn, child = ctx.Pipe()
+    self.process = ctx.Process(target=_side_main, args=(child, name, scale, side, torch_threads), daemon=True)
+    self.process.start()
+    child.close()
+    self.info = self._reply()
+
+  def _reply(self):
+    try:
+      status, value = self.conn.recv()
+    except EOFError:
+      self.process.join()
+      raise RuntimeError(f'the {self.side} side died (exit code {self.process.exitcode}; killed for memory?)')
+    if status == 'error':
+      raise RuntimeError(value)
+    return value
+
+  def call(self, command: str):
+    self.conn.send(command)
+    return self._reply()
+
+  def stop(self) -> float:
+    """Ends the process; returns its peak RSS in GiB."""
+    peak = self.call('stop')
+    self.process.join()
+    return peak
+
+  def kill(self):
+    if self.process.is_alive():
+      self.process.kill()
+      self.process.join()
+
+
+class RssWatch:
+  """Samples the summed RSS of the side processes alive (10 times a second): the peak that both
+  sides together need, which the per-process peaks do not show."""
+
+  def __init__(self):
+    self.pids, self.peak = set(), 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    while not self._stop.wait(0.1):
+      total = 0
+      for pid in list(self.pids):
+        with contextlib.suppress(OSError, ValueError):
+          with open(f'/proc/{pid}/status') as f:
+            total += next((int(line.split()[1]) for line in f if line.startswith('VmRSS:')), 0)  # 0: exiting
+      self.peak = max(self.peak, total)
+
+  def close(self) -> float:
+    self._stop.set()
+    self._thread.join()
+    return self.peak / 2 ** 20  # KiB -> GiB
+
+
+def run_workload(name: str, scale: str, repeats: int, peaks: dict[str, float], *, torch_threads: int,
+                 isolation: str) -> dict:
+  row = {'workload': name, 'isolation': isolation}
+  watch, sides = RssWatch(), []
+
+  def start(side):
+    log(f'[{name}] building the {side} side in its own process')
+    sides.append(Side(name, scale, side, torch_threads))
+    watch.pids.add(sides[-1].process.pid)
+    return sides[-1]
+
+  def stop(side):
+    row.setdefault('peak_rss_gib', {})[side.side] = side.stop()
+    watch.pids.discard(side.process.pid)
+
+  try:
+    jax_side = start('jax')
+    info = jax_side.info
+    row['size'] = info['size']
+    log(f'[{name}] compiled in {info["compile_s"]:.1f} s, {info["flops"] / 1e9:.1f} GFLOP per call')
+    jax_out = jax_side.call('first')
+    if isolation == 'sequential':
+      jax_times = [jax_side.call('time') for _ in range(repeats)]
+      stop(jax_side)
+    torch_side = start('torch')
+    diff = row['max_abs_diff'] = max_abs_diff(jax_out, torch_side.call('first'))
+    del jax_out
+    log(f'[{name}] max abs diff JAX vs PyTorch: {diff:.3g}')
+    if not diff <= TOL:
+      row['error'] = f'outputs differ: max abs diff {diff:.3g} > {TOL}'
+      log(f'[{name}] NOT TIMED: {row["error"]}')
+      return row
+    measure_peaks(peaks)
+    if isolation == 'sequential':
+      times = {'jax': jax_times, 'torch': [torch_side.call('time') for _ in range(repeats)]}
+    else:
+      times = timed_alternately({'jax': lambda: jax_side.call('time'), 'torch': lambda: torch_side.call('time')},
+                                repeats, timed_by_callee=True)
+    for side in list(sides):
+      if side.process.is_alive() and side.side not in row.get('peak_rss_gib', {}):
+        stop(side)
+  finally:
+    for side in sides:
+      side.kill()
+    row.setdefault('peak_rss_gib', {})['both'] = watch.close()
   jax_s, torch_s = statistics.median(times['jax']), statistics.median(times['torch'])
-  row.update(jax_s=jax_s, torch_s=torch_s, ratio=torch_s / jax_s, items_per_s_jax=w.items / jax_s,
-             items_per_s_torch=w.items / torch_s, gflops=flops / 1e9, gflops_per_s=flops / jax_s / 1e9)
-  log(f'[{name}] jax {jax_s:.3f} s, torch {torch_s:.3f} s (medians of {repeats})')
+  flops = info['flops']
+  row.update(jax_s=jax_s, torch_s=torch_s, ratio=torch_s / jax_s, items_per_s_jax=info['items'] / jax_s,
+             items_per_s_torch=info['items'] / torch_s, gflops=flops / 1e9, gflops_per_s=flops / jax_s / 1e9)
+  log(f'[{name}] jax {jax_s:.3f} s, torch {torch_s:.3f} s (medians of {repeats}); peak RSS GiB '
+      + ', '.join(f'{k} {v:.1f}' for k, v in row['peak_rss_gib'].items()))
   return row
 
 
@@ -191,6 +371,8 @@ def run_workload(name: str, scale: str, repeats: int, peaks: dict[str, float]) -
 
 
 SCALES = ('full', 'quick', 'tiny')
+# Workloads whose two sides do not fit in 24 GiB together: timed one side after the other by default.
+SEQUENTIAL = {('blip_train', 'full'): 'sequential'}
 
 
 def pick(scale: str, full, quick, tiny):
@@ -368,20 +550,23 @@ def blip_train(scale: str) -> Workload:
   t_args = (x, torch.from_numpy(ids).long(), torch.from_numpy(mask).long(), torch.from_numpy(neg_image).long(),
             torch.from_numpy(neg_text).long())
 
-  def check(jax_out, loss):
-    """The loss of the first step and every parameter after it (HF's weights converted again)."""
-    new_state, metrics = jax_out
-    after, _, _ = load_torch(hf.state_dict(), task='retrieval')
-    ours = [(jax.tree_util.keystr(path), leaf) for path, leaf in
-            jax.tree_util.tree_leaves_with_path(nnx.state(trainer.model(new_state), nnx.Param))]
-    theirs = jax.tree.leaves(nnx.state(after, nnx.Param))
-    keep = [i for i, (path, _) in enumerate(ours) if 'temp' not in path]  # HF has no temp
-    return max(max_abs_diff(metrics['loss'], loss),
-               max_abs_diff([ours[i][1] for i in keep], [theirs[i] for i in keep]))
+  def params(model):
+    """Every parameter but `temp` (HF has none), in the order of the model's tree."""
+    return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+            if 'temp' not in jax.tree_util.keystr(path)]
+
+  def jax_result(out):
+    """The loss of the first step and every parameter after it."""
+    new_state, metrics = out
+    return as_numpy((metrics['loss'], params(trainer.model(new_state))))
+
+  def torch_result(loss):
+    """The same from HF's side: its weights after the step converted again."""
+    return as_numpy((loss, params(load_torch(hf.state_dict(), task='retrieval')[0])))
 
   return Workload(f'ITC+ITM step, ViT-B/16 x{layers} + BERT x{layers}, {size}px, batch {batch}', batch,
-                  trainer.step_fn, (state, data), lambda: step(*t_args), check=check,
-                  carry=lambda out, args: (out[0], args[1]), grad=True)
+                  trainer.step_fn, (state, data), lambda: step(*t_args), jax_result=jax_result,
+                  torch_result=torch_result, carry=lambda out, args: (out[0], args[1]), grad=True)
 
 
 def decode_step_flops(model, decoder_of, condition, images, prompt_rows: int, max_length: int) -> float:
@@ -406,8 +591,10 @@ def decoding(model, decoder_of, condition, search, x_nhwc, prompt, *, rows: int,
   """Image -> tokens under one jit: `search(decoder, condition(model, images), prompt)`. The
   minimum length equals the maximum, so every sequence runs all steps on both sides."""
   fn, state = split_jit(model, lambda m, images, prompt: search(decoder_of(m), condition(m, images), prompt))
-  steps = max_length - prompt.shape[1]  # while-loop iterations: one decode each
-  extra = lambda: (steps - 1) * decode_step_flops(model, decoder_of, condition, x_nhwc, rows, max_length)
+  # The prompt's call gives the first token; the while loop decodes each later one, one call an
+  # iteration (none after the last token), and XLA's cost analysis counts its body once.
+  iterations = max_length - prompt.shape[1] - 1
+  extra = lambda: max(iterations - 1, 0) * decode_step_flops(model, decoder_of, condition, x_nhwc, rows, max_length)
   return Workload(size, prompt.shape[0], fn, (state, x_nhwc, prompt), torch_fn, extra_flops=extra)
 
 
@@ -551,9 +738,12 @@ def table(rows: list[dict]) -> str:
              ('torch_s', 'torch s', '{:.4f}'), ('ratio', 'torch/jax', '{:.2f}'),
              ('items_per_s_jax', 'jax items/s', '{:.2f}'), ('items_per_s_torch', 'torch items/s', '{:.2f}'),
              ('gflops', 'GFLOP', '{:.1f}'), ('gflops_per_s', 'GFLOP/s', '{:.1f}'),
-             ('peak_fraction', 'of peak', '{:.0%}'), ('max_abs_diff', 'max diff', '{:.1e}')]
+             ('peak_fraction', 'of peak', '{:.0%}'), ('max_abs_diff', 'max diff', '{:.1e}'),
+             ('rss', 'peak RSS GiB jax/torch/both', '{}')]
   cells = [[title for _, title, _ in columns]]
   for row in rows:
+    rss = row.get('peak_rss_gib', {})
+    row = {**row, 'rss': '/'.join(f'{rss[k]:.1f}' if k in rss else '-' for k in ('jax', 'torch', 'both'))}
     cells.append([fmt.format(row[key]) if row.get(key) is not None else '-' for key, _, fmt in columns])
   widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
   lines = ['  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
@@ -571,6 +761,11 @@ def main(argv=None) -> int:
   parser.add_argument('--workloads', default=','.join(WORKLOADS),
                       help=f'comma-separated subset of: {", ".join(WORKLOADS)}')
   parser.add_argument('--repeats', type=int, help='timed calls per side (default 3 quick, 5 full)')
+  parser.add_argument('--isolation', choices=('alternate', 'sequential'),
+                      help="each side runs in its own process; 'alternate' keeps both alive and times them "
+                           "in turn (fair under load from other work), 'sequential' times all of the JAX "
+                           "side's calls, ends it, then the PyTorch side's (when two sides do not fit in memory). "
+                           "Default: alternate, except sequential for the full-size training step (20.3 + 12.6 GiB)")
   parser.add_argument('--torch-threads', type=int, default=CORES,
                       help='PyTorch intra-op threads (default: the cores this process may use, as XLA does); '
                            'on a machine busy with other work, OpenMP threads that wait for each other slow '
@@ -588,7 +783,8 @@ def main(argv=None) -> int:
   rows = []
   for name in names:
     try:
-      rows.append(run_workload(name, scale, repeats, peaks))
+      rows.append(run_workload(name, scale, repeats, peaks, torch_threads=args.torch_threads,
+                               isolation=args.isolation or SEQUENTIAL.get((name, scale), 'alternate')))
     except Exception as e:  # one broken workload should not hide the others' numbers
       log(f'[{name}] FAILED: {type(e).__name__}: {e}')
       rows.append({'workload': name, 'error': f'{type(e).__name__}: {e}'})

@@ -9,6 +9,14 @@ as HF `generate` and the originals count them: the output has `max_length` token
 `min_length` the end-of-sequence token cannot be chosen. After a sequence's end-of-sequence
 token come `pad_token_id`s.
 
+The cache is a dict. The prompt runs once per row of the encoder states; its cache is then
+repeated for the beams (or returned samples) of that row. Every array in the cache is per
+sequence (repeated, and reordered as beams are chosen) except the scalar `'index'` and what the
+decoder keeps under `'shared'`: arrays per encoder row that all of a row's sequences read as they
+are (the MED decoder's cross-attention keys/values of the image), so `decode` must accept a
+batch that is a multiple of their rows. The decoder runs only for tokens whose successor is
+still to be chosen: there is no decoding step after the last token.
+
 The logits go through HF's processors in HF's order: repetition penalty (on every token of the
 sequence so far, prompt included), the minimum length, then, when sampling, temperature, top-k
 and top-p (`process_logits`, `warp_logits`). Beam search applies the processors to the
@@ -55,37 +63,54 @@ def warp_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: floa
   return logits
 
 
-def _repeat(encoder_states, times: int):
-  """Each row `times` times in a row (HF's expansion for beams and returned sequences); the
-  encoder states may be a tuple of arrays (the VQA decoder takes states and their mask)."""
-  return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0), encoder_states)
+def _per_sequence(cache, fn):
+  """`fn` on every per-sequence array of `cache`: all but the scalar index and `cache['shared']`."""
+  rest = jax.tree.map(lambda x: fn(x) if x.ndim else x, {k: v for k, v in cache.items() if k != 'shared'})
+  return {**cache, **rest}
+
+
+def _start(decoder, encoder_states, prompt_ids, copies: int, max_length: int):
+  """Runs the prompt [B, P] once per encoder row and returns the last position's logits and the
+  cache, both repeated for `copies` sequences per row ([B * copies, V], rows in order)."""
+  b = prompt_ids.shape[0]
+  cache = decoder.init_cache(b, max_length, encoder_states)
+  logits, cache = decoder.decode(prompt_ids, jnp.ones((b, max_length), jnp.int32), cache)
+  if copies == 1:
+    return logits[:, -1], cache
+  return jnp.repeat(logits[:, -1], copies, axis=0), _per_sequence(cache, lambda x: jnp.repeat(x, copies, axis=0))
 
 
 def _decode_loop(decoder, encoder_states, prompt_ids, choose, *, max_length: int, eos_token_id: int,
-                 pad_token_id: int, rng=None):
-  """One token per step for every row: `choose(logits [B, V], ids, length, key) -> tokens [B]`."""
+                 pad_token_id: int, copies: int = 1, rng=None):
+  """One token per step for every row (`copies` rows per prompt row):
+  `choose(logits [B, V], ids, length, key) -> tokens [B]`. Returns ids [B * copies, max_length]."""
   b, p = prompt_ids.shape
-  cache = decoder.init_cache(b, max_length, encoder_states)
-  slots = jnp.ones((b, max_length), jnp.int32)  # future slots are hidden by the causal rule
-  logits, cache = decoder.decode(prompt_ids, slots, cache)
-  ids = jnp.full((b, max_length), pad_token_id, jnp.int32).at[:, :p].set(prompt_ids)
+  n = b * copies
+  ids = jnp.full((n, max_length), pad_token_id, jnp.int32).at[:, :p].set(jnp.repeat(prompt_ids, copies, axis=0))
+  if p >= max_length:
+    return ids
+  logits, cache = _start(decoder, encoder_states, prompt_ids, copies, max_length)
+  slots = jnp.ones((n, max_length), jnp.int32)  # future slots are hidden by the causal rule
   rng = jax.random.key(0) if rng is None else rng
+
+  def pick(length, ids, done, logits, rng):
+    rng, key = jax.random.split(rng)
+    token = jnp.where(done, pad_token_id, choose(logits.astype(jnp.float32), ids, length, key).astype(jnp.int32))
+    ids = jax.lax.dynamic_update_slice(ids, token[:, None], (0, length))
+    return length + 1, ids, done | (token == eos_token_id), token, rng
 
   def cond(carry):
     length, _, done, _, _, _ = carry
     return (length < max_length) & ~jnp.all(done)
 
   def body(carry):
-    length, ids, done, last_logits, cache, rng = carry
-    rng, key = jax.random.split(rng)
-    token = jnp.where(done, pad_token_id, choose(last_logits.astype(jnp.float32), ids, length, key).astype(jnp.int32))
-    ids = jax.lax.dynamic_update_slice(ids, token[:, None], (0, length))
-    done = done | (token == eos_token_id)
+    length, ids, done, token, cache, rng = carry
     logits, cache = decoder.decode(token[:, None], slots, cache)
-    return length + 1, ids, done, logits[:, -1], cache, rng
+    length, ids, done, token, rng = pick(length, ids, done, logits[:, -1], rng)
+    return length, ids, done, token, cache, rng
 
-  carry = (jnp.asarray(p, jnp.int32), ids, jnp.zeros((b,), bool), logits[:, -1], cache, rng)
-  return jax.lax.while_loop(cond, body, carry)[1]
+  length, ids, done, token, rng = pick(jnp.asarray(p, jnp.int32), ids, jnp.zeros((n,), bool), logits, rng)
+  return jax.lax.while_loop(cond, body, (length, ids, done, token, cache, rng))[1]
 
 
 def greedy(decoder, encoder_states, prompt_ids, *, max_length: int, min_length: int = 0, eos_token_id: int,
@@ -114,8 +139,8 @@ def sample(decoder, encoder_states, prompt_ids, *, rng, max_length: int, min_len
                             repetition_penalty=repetition_penalty)
     return jax.random.categorical(key, warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p))
 
-  ids = _decode_loop(decoder, _repeat(encoder_states, r), jnp.repeat(prompt_ids, r, axis=0), choose,
-                     max_length=max_length, eos_token_id=eos_token_id, pad_token_id=pad_token_id, rng=rng)
+  ids = _decode_loop(decoder, encoder_states, prompt_ids, choose, max_length=max_length, eos_token_id=eos_token_id,
+                     pad_token_id=pad_token_id, copies=r, rng=rng)
   return ids.reshape(prompt_ids.shape[0], r, max_length)
 
 
@@ -123,9 +148,8 @@ NEG = -1.0e9  # HF's "impossible" score: added, not assigned, so orderings stay 
 
 
 def _reorder(cache, rows):
-  """The cache rows of the beams that continue (the index scalar is shared)."""
-  n = rows.shape[0]
-  return jax.tree.map(lambda x: x[rows] if x.ndim and x.shape[0] == n else x, cache)
+  """The per-sequence cache rows of the beams that continue."""
+  return _per_sequence(cache, lambda x: x[rows])
 
 
 def beam_search(decoder, encoder_states, prompt_ids, *, num_beams: int, max_length: int, min_length: int = 0,
@@ -145,14 +169,20 @@ def beam_search(decoder, encoder_states, prompt_ids, *, num_beams: int, max_leng
   b, p = prompt_ids.shape
   nb, k = num_beams, 2 * num_beams
   n = b * nb
-  cache = decoder.init_cache(n, max_length, _repeat(encoder_states, nb))
-  slots = jnp.ones((n, max_length), jnp.int32)
-  logits, cache = decoder.decode(jnp.repeat(prompt_ids, nb, axis=0), slots, cache)
   seqs = jnp.full((b, nb, max_length), pad_token_id, jnp.int32).at[:, :, :p].set(prompt_ids[:, None])
+  # Only the first beam starts: the others' NEG keeps their copies of it out of the first choice.
+  state = (jnp.asarray(p, jnp.int32), seqs, jnp.zeros((b, nb)).at[:, 1:].set(NEG), seqs, jnp.full((b, nb), NEG),
+           jnp.zeros((b, nb), bool), jnp.ones((b,), bool))
+  if p >= max_length:
+    return seqs[:, :num_return_sequences], state[4][:, :num_return_sequences]
+  logits, cache = _start(decoder, encoder_states, prompt_ids, nb, max_length)
+  slots = jnp.ones((n, max_length), jnp.int32)
   gather = lambda x, index: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
-  def body(carry):
-    length, seqs, scores, done_seqs, done_scores, done, unsatisfied, logits, cache, _ = carry
+  def advance(state, logits):
+    """Chooses the token at `length`; returns the new state, the beam each running beam continues
+    and whether the search is over."""
+    length, seqs, scores, done_seqs, done_scores, done, unsatisfied = state
     logp = process_logits(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), seqs.reshape(n, max_length),
                           length, min_length=min_length, eos_token_id=eos_token_id,
                           repetition_penalty=repetition_penalty)
@@ -175,17 +205,21 @@ def beam_search(decoder, encoder_states, prompt_ids, *, num_beams: int, max_leng
     done_seqs = gather(jnp.concatenate([done_seqs, candidates], 1), best)
     done_scores = gather(jnp.concatenate([done_scores, final], 1), best)
     done = gather(jnp.concatenate([done, just_ended], 1), best)
-    cache = _reorder(cache, (jnp.arange(b)[:, None] * nb + source).reshape(-1))
-    logits, cache = decoder.decode(seqs[:, :, length].reshape(n, 1), slots, cache)
     length = length + 1
     best_running = scores[:, :1] / (length - p).astype(jnp.float32) ** length_penalty
     worst_done = jnp.where(done, jnp.min(done_scores, -1, keepdims=True), NEG)
     unsatisfied = unsatisfied & jnp.any(best_running > worst_done, -1)
-    stop = ~jnp.any(unsatisfied) | (jnp.all(done) & early_stopping) | jnp.all(ended)
-    return length, seqs, scores, done_seqs, done_scores, done, unsatisfied, logits[:, -1], cache, stop
+    stop = ~jnp.any(unsatisfied) | (jnp.all(done) & early_stopping) | jnp.all(ended) | (length >= max_length)
+    return (length, seqs, scores, done_seqs, done_scores, done, unsatisfied), source, stop
 
-  carry = (jnp.asarray(p, jnp.int32), seqs, jnp.zeros((b, nb)).at[:, 1:].set(NEG), seqs,
-           jnp.full((b, nb), NEG), jnp.zeros((b, nb), bool), jnp.ones((b,), bool), logits[:, -1], cache,
-           jnp.asarray(False))
-  out = jax.lax.while_loop(lambda c: ~c[-1] & (c[0] < max_length), body, carry)
-  return out[3][:, :num_return_sequences], out[4][:, :num_return_sequences]
+  def body(carry):
+    state, source, cache, _ = carry
+    length, seqs = state[:2]
+    cache = _reorder(cache, (jnp.arange(b)[:, None] * nb + source).reshape(-1))
+    logits, cache = decoder.decode(seqs[:, :, length - 1].reshape(n, 1), slots, cache)
+    state, source, stop = advance(state, logits[:, -1])
+    return state, source, cache, stop
+
+  state, source, stop = advance(state, logits)
+  state = jax.lax.while_loop(lambda c: ~c[-1], body, (state, source, cache, stop))[0]
+  return state[3][:, :num_return_sequences], state[4][:, :num_return_sequences]

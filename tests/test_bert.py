@@ -78,3 +78,42 @@ def test_make_attn_mask_full_causal_and_prefix():
   np.testing.assert_array_equal(causal[0], np.tril(np.ones((4, 4), bool)) & valid.astype(bool))
   np.testing.assert_array_equal(prefix[0], np.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0],
                                                      [1, 1, 1, 0]], bool))
+
+
+def test_sequences_share_the_cross_attention_of_their_image():
+  """A cache of 3 sequences per image reading one copy of the image's cross-attention keys/values
+  (as beam search and sampling use it) gives each sequence the logits of a cache built from
+  the image states repeated per sequence; also with a mask on the encoder states."""
+  _, model = _captioner()
+  embeds = np.asarray(model.image_embeds(nhwc(images(batch=2))))
+  enc_mask = np.ones(embeds.shape[:2], np.int32)
+  enc_mask[1, -4:] = 0
+  copies, max_len = 3, 5
+  ids = np.random.default_rng(0).integers(5, 90, size=(2 * copies, max_len))
+  ids[:, 0] = DEC
+  slot_mask = np.ones((2 * copies, max_len), np.int32)
+  decoder = model.text_decoder
+  step = jax.jit(lambda tok, cache: decoder.decode(tok, slot_mask, cache))
+  shared = decoder.init_cache(2 * copies, max_len, embeds, enc_mask)
+  assert shared['shared']['cross_kv'][0][0].k.shape[0] == 2
+  repeated = decoder.init_cache(2 * copies, max_len, np.repeat(embeds, copies, 0), np.repeat(enc_mask, copies, 0))
+  for t in range(max_len):
+    ours, shared = step(ids[:, t:t + 1], shared)
+    ref, repeated = step(ids[:, t:t + 1], repeated)
+    assert_close(ours, np.asarray(ref), f'shared cross-attention, step {t}')
+
+
+def test_grouped_and_cached_attention_equal_repeated_keys():
+  """`dot_product_attention` with G query rows per key/value row, keys/values as given or as
+  `CachedKV`, and a bias per key/value row or per query row, equals attention to repeated keys."""
+  rng = np.random.default_rng(0)
+  b, g, tq, tk, h, d = 2, 3, 4, 7, 2, 5
+  q = jnp.asarray(rng.normal(size=(b * g, tq, h, d)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, tk, h, d)), jnp.float32) for _ in range(2))
+  row_bias = layers.mask_to_bias(jnp.asarray(rng.random((b, tk)) > 0.3))  # [B, 1, 1, Tk]
+  query_bias = jnp.asarray(rng.normal(size=(b * g, 1, tq, tk)), jnp.float32)
+  for bias, repeated_bias in ((None, None), (row_bias, jnp.repeat(row_bias, g, 0)), (query_bias, query_bias)):
+    ref = layers.dot_product_attention(q, jnp.repeat(k, g, 0), jnp.repeat(v, g, 0), repeated_bias)
+    assert_close(layers.dot_product_attention(q, k, v, bias), np.asarray(ref), 'grouped attention')
+    assert_close(layers.dot_product_attention(q, layers.CachedKV.of(k, v), None, bias), np.asarray(ref),
+                 'grouped attention, cached layout')

@@ -110,6 +110,8 @@ class BertSelfAttention(nnx.Module):
     cache is returned alongside the output.
     """
     k, v = kv
+    if isinstance(kv, layers.CachedKV):
+      k, v = kv, None
     if cache is not None:
       start = (0, cache_index, 0, 0)
       k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start)
@@ -198,12 +200,14 @@ class BertLayer(nnx.Module):
     self.intermediate = BertIntermediate(cfg, rngs=rngs)
     self.output = BertSelfOutput(cfg, cfg.intermediate_size, rngs=rngs)
 
-  def cross_key_values(self, encoder_states: Sequence[Any]):
-    """Cross-attention keys/values for each encoder input (computed once when decoding)."""
+  def cross_key_values(self, encoder_states: Sequence[Any], cached: bool = False):
+    """Cross-attention keys/values for each encoder input; `cached`: as `layers.CachedKV`, for
+    the decoding cache (computed once, read at every step)."""
+    wrap = (lambda kv: layers.CachedKV.of(*kv)) if cached else (lambda kv: kv)
     if isinstance(self.crossattention, TwinCrossAttention):
-      return [self.crossattention.self0.key_value(encoder_states[0]),
-              self.crossattention.self1.key_value(encoder_states[1])]
-    return [self.crossattention.self.key_value(encoder_states[0])]
+      return [wrap(self.crossattention.self0.key_value(encoder_states[0])),
+              wrap(self.crossattention.self1.key_value(encoder_states[1]))]
+    return [wrap(self.crossattention.self.key_value(encoder_states[0]))]
 
   def __call__(self, x, self_bias, cross=None, cache=None, cache_index=None):
     """`cross`: None (text mode) or (list of (k, v), list of biases), one entry per image."""
@@ -286,18 +290,27 @@ class BertModel(nnx.Module):
 
   def init_cache(self, batch_size: int, max_length: int, encoder_hidden_states,
                  encoder_attention_mask=None, dtype=None):
-    """A decoding cache: empty self-attention keys/values for `max_length` tokens and the
-    cross-attention keys/values of `encoder_hidden_states`, computed here once."""
+    """A decoding cache: empty self-attention keys/values for `max_length` tokens of
+    `batch_size` rows, and under `'shared'` the cross-attention keys/values of
+    `encoder_hidden_states`, computed here once.
+
+    The encoder states may have fewer rows than `batch_size` (a divisor of it): then each
+    group of `batch_size // rows` consecutive sequences (the beams of one image) reads the same
+    row of cross-attention keys/values. `blip_jax.generate` never reorders or repeats
+    `cache['shared']`.
+    """
     cfg = self.config
     dtype = dtype or jnp.dtype(cfg.dtype)
     states, biases = self._cross_inputs(encoder_hidden_states, encoder_attention_mask)
+    if batch_size % states[0].shape[0]:
+      raise ValueError(f'{batch_size} sequences cannot share the cross-attention of {states[0].shape[0]} rows')
     head_dim = cfg.hidden_size // cfg.num_heads
     empty = jnp.zeros((batch_size, max_length, cfg.num_heads, head_dim), dtype)
     return {
         'index': jnp.array(0, jnp.int32),
-        'cross_bias': biases,
-        'layers': [{'k': empty, 'v': empty, 'cross_kv': layer.cross_key_values(states)}
-                   for layer in self.encoder.layer],
+        'layers': [{'k': empty, 'v': empty} for _ in self.encoder.layer],
+        'shared': {'cross_bias': biases,
+                   'cross_kv': [layer.cross_key_values(states, cached=True) for layer in self.encoder.layer]},
     }
 
   def decode(self, input_ids, attention_mask, cache, inputs_embeds=None):
@@ -310,15 +323,13 @@ class BertModel(nnx.Module):
     Returns:
       hidden states [B, T, H] and the updated cache.
     """
-    index = cache['index']
+    index, shared = cache['index'], cache['shared']
     x = self.embeddings(input_ids, inputs_embeds, position_offset=index)
     self_bias = layers.cached_causal_bias(attention_mask, index, x.shape[1])
     new_layers = []
-    for layer, layer_cache in zip(self.encoder.layer, cache['layers']):
-      kv_cache = {'k': layer_cache['k'], 'v': layer_cache['v']}
-      x, kv_cache = layer(x, self_bias, (layer_cache['cross_kv'], cache['cross_bias']),
-                          cache=kv_cache, cache_index=index)
-      new_layers.append({**kv_cache, 'cross_kv': layer_cache['cross_kv']})
+    for layer, kv_cache, cross_kv in zip(self.encoder.layer, cache['layers'], shared['cross_kv']):
+      x, kv_cache = layer(x, self_bias, (cross_kv, shared['cross_bias']), cache=kv_cache, cache_index=index)
+      new_layers.append(kv_cache)
     return x, {**cache, 'index': index + x.shape[1], 'layers': new_layers}
 
 
