@@ -216,3 +216,139 @@ def test_grad_accum_k_equals_one_step_on_the_mean_gradient():
       jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), pa, pp)  # nothing applied yet
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), pa, pp)
   assert not np.allclose(pa['dense']['kernel'], params['dense']['kernel'])
+
+
+# ------------------------------------------------------------------------- the train step
+
+
+def _caption(dropout=0.0, **model):
+  """The tiny captioner with one layer per tower (these tests compile many steps), dropout off
+  unless asked, so that steps are comparable."""
+  m = {**TINY_MODELS['blip'], **model}
+  m['text'] = {**TINY_MODELS['blip']['text'], 'num_layers': 1, 'hidden_dropout': dropout, 'attention_dropout': dropout}
+  m['vision'] = {**TINY_MODELS['blip']['vision'], 'depth': 1, **model.get('vision', {})}
+  task = tasks.get('caption')
+  return task, tasks.model_config(task, m, TOKENIZER)
+
+
+def _caption_batch(n, seed=0, length=10):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(4, 60, (n, length)).astype(np.int32)
+  ids[:, 0] = 2
+  # Equal token counts per example: the caption loss is a mean over tokens (as BLIP's), so the
+  # mean of k micro-batch losses is the loss of their concatenation only then.
+  return {'image': rng.normal(size=(n, 32, 32, 3)).astype(np.float32), 'text_ids': ids,
+          'text_mask': np.ones_like(ids)}
+
+
+def _trainer(task, config, tx, **kwargs):
+  return state_lib.Trainer(task, lambda: tasks.build_model(task, config), tx, state_lib.make_mesh(),
+                           loss_kwargs={'prompt_length': 2}, **kwargs)
+
+
+def _leaves(tree):
+  return {optim.path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_grad_accum_over_k_micro_batches_equals_one_step_on_their_concatenation():
+  """Caption (a per-token mean with equal token counts): 2 micro-batches of 4 = 1 batch of 8.
+  Contrastive losses (ITC, InfoNCE, hard negatives) are not sums over examples, so there
+  accumulation is not the big batch (blip_jax/train/config_base.py says so)."""
+  task, config = _caption()
+  cfg = _optim(schedule='constant', lr=1e-3, grad_clip=1.0)
+  big = _caption_batch(8)
+  accum = _trainer(task, config, optim.optimizer(ml_collections.ConfigDict({**cfg.to_dict(), 'grad_accum': 2}), 1, 1))
+  plain = _trainer(task, config, optim.optimizer(cfg, 1, 1))
+  sa, sp = accum.init(), plain.init()
+  before = _leaves(sp['params'])
+  losses = []
+  for half in (slice(0, 4), slice(4, 8)):
+    sa, metrics = accum.step(sa, {k: v[half] for k, v in big.items()})
+    losses.append(float(metrics['loss']))
+  sp, metrics = plain.step(sp, big)
+  np.testing.assert_allclose(np.mean(losses), metrics['loss'], rtol=1e-6)
+  a, p = _leaves(sa['params']), _leaves(sp['params'])
+  for k in p:
+    np.testing.assert_allclose(a[k], p[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  assert np.mean([not np.array_equal(p[k], before[k]) for k in p]) > 0.9
+
+
+def test_freeze_by_regex_keeps_those_parameters_and_trains_the_rest():
+  task, config = _caption()
+  frozen = (r'^visual_encoder\.blocks\.0\.', r'\.LayerNorm\.')
+  trainer = _trainer(task, config, optim.optimizer(_optim(schedule='constant', lr=1e-3), 1, 1), frozen=frozen)
+  state = trainer.init()
+  names = set(_leaves(state['params']))
+  assert not any(re.search(f, n) for f in frozen for n in names)
+  before = {**_leaves(state['params']), **_leaves(state['rest'])}
+  for seed in range(2):
+    state, metrics = trainer.step(state, _caption_batch(4, seed))
+    assert metrics['finite']
+  after = {**_leaves(state['params']), **_leaves(state['rest'])}
+  frozen_names = [n for n in after if any(re.search(f, n) for f in frozen)]
+  assert len(frozen_names) >= 8 and all(np.array_equal(after[n], before[n]) for n in frozen_names)
+  changed = [n for n in names if not np.array_equal(after[n], before[n])]
+  assert len(changed) == len(names), sorted(names - set(changed))
+
+
+def _loss_and_grads(config, batch):
+  """The caption loss and its gradients as the train step computes them: one step of SGD with
+  lr 1 changes the parameters by exactly minus the gradient."""
+  task = tasks.get('caption')
+  trainer = _trainer(task, config, optax.sgd(1.0))
+  state = trainer.init()
+  before = _leaves(state['params'])
+  state, metrics = trainer.step(state, batch)
+  after = _leaves(state['params'])
+  assert metrics['finite'] and all(x.dtype == np.float32 for x in after.values())  # fp32 parameters, whatever dtype
+  return float(metrics['loss']), {k: before[k] - after[k] for k in before}
+
+
+@pytest.fixture(scope='module')
+def fp32_reference():
+  batch = _caption_batch(4)
+  return batch, _loss_and_grads(_caption()[1], batch)
+
+
+def test_remat_gives_the_same_loss_and_gradients(fp32_reference):
+  """model.vision.remat_layers (BLIP's vit_grad_ckpt) recomputes the last blocks in the backward
+  pass and changes nothing else: the same loss and gradients within 1e-5."""
+  batch, plain = fp32_reference
+  remat = _loss_and_grads(_caption(vision={'remat_layers': 1})[1], batch)
+  np.testing.assert_allclose(remat[0], plain[0], rtol=1e-5)
+  for k in plain[1]:
+    np.testing.assert_allclose(remat[1][k], plain[1][k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_bf16_compute_step_is_close_to_fp32(fp32_reference):
+  """model.dtype='bfloat16' (bf16 compute, fp32 parameters): the loss within 2% of fp32, all
+  gradients together within 3% and each tensor's within 5% (relative norms)."""
+  batch, fp32 = fp32_reference
+  bf16 = _loss_and_grads(_caption(dtype='bfloat16')[1], batch)
+  np.testing.assert_allclose(bf16[0], fp32[0], rtol=2e-2)
+  norm = lambda g: np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in g.values()))
+  total = norm(fp32[1])
+  assert norm({k: bf16[1][k] - fp32[1][k] for k in fp32[1]}) < 0.03 * total
+  # Per tensor, except those whose gradient is zero up to rounding (attention key biases: the
+  # softmax does not see them).
+  errors = {k: np.linalg.norm(bf16[1][k] - fp32[1][k]) / np.linalg.norm(fp32[1][k]) for k in fp32[1]
+            if np.linalg.norm(fp32[1][k]) > 1e-4 * total}
+  assert len(errors) > 0.5 * len(fp32[1]) and max(errors.values()) < 0.05, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_train_step_uses_dropout_and_evaluation_does_not(fp32_reference):
+  """MED's dropout 0.1 is on in the step (the originals train in model.train()): with lr 0 the
+  parameters stay, yet the steps' losses are not the inference loss and change with each step's
+  dropout masks; the model handed to evaluation is deterministic."""
+  batch, (inference, _) = fp32_reference  # the same parameters (seed 0) without dropout
+  task, config = _caption(0.1)
+  trainer = _trainer(task, config, optim.optimizer(_optim(schedule='constant', lr=0.0, weight_decay=0.0), 1, 1))
+  state, losses = trainer.init(), []
+  for _ in range(3):
+    state, metrics = trainer.step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert np.abs(np.asarray(losses) - inference).max() > 1e-3 and np.std(losses) > 1e-3, (losses, inference)
+  _, params, rest = nnx.split(trainer.model(state), nnx.Param, ...)
+  evaluated = jax.jit(lambda p, r: tasks.caption_loss(nnx.merge(nnx.graphdef(trainer.model(state)), p, r), batch,
+                                                      None, 0.0, prompt_length=2)[0])
+  np.testing.assert_allclose(float(evaluated(params, rest)), inference, rtol=1e-6)

@@ -125,7 +125,10 @@ class Trainer:
       _, rest = self._split(model)
 
     def loss_fn(params):
-      model = self._merge(params, rest)
+      # Training mode: dropout and drop path on, as the originals' model.train(). Only the
+      # state leaves the step, so the graphdef (and every model evaluated from it) stays in
+      # inference mode.
+      model = nnx.view(self._merge(params, rest), deterministic=False, raise_if_not_found=False)
       loss, terms = self.task.loss(model, batch, rng, alpha, **self.loss_kwargs)
       return loss, (terms, self._split(model)[1])
 
