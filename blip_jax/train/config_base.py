@@ -58,7 +58,9 @@ def base() -> ml_collections.ConfigDict:
   # smaller set of negatives.
   c.optim.grad_accum = 1
 
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
+  # Devices as a data x fsdp mesh (-1: what the other axis leaves). With fsdp > 1, every state
+  # leaf of at least fsdp_min_size elements is split over the fsdp axis (ZeRO-3 style).
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'fsdp_min_size': 1 << 14})
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64

@@ -189,7 +189,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     loss_kwargs['prompt_length'] = int(prompt_mask.sum()) - 1  # [CLS] + prompt, without [SEP]
   trainer = state_lib.Trainer(task, lambda: tasks_lib.build_model(task, model_config, seed=config.seed), tx, mesh,
                               frozen=tuple(config.get('freeze', ())), alpha_fn=_alpha_fn(config, steps_per_epoch),
-                              loss_kwargs=loss_kwargs, seed=config.seed)
+                              loss_kwargs=loss_kwargs, seed=config.seed,
+                              fsdp_min_size=config.mesh.get('fsdp_min_size', state_lib.FSDP_MIN_SIZE))
   evaluator = evaluation.Evaluator(task, trainer, eval_data, tokenizer, config.eval)
   writer = MetricWriter(workdir)
   manager = _checkpoint_manager(workdir, config.get('keep_checkpoints', 2))
