@@ -199,6 +199,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if start is not None:
     state, data_state = _restore(manager, trainer, start)
     start = data_state['step']
+    writer.rewind(start)
     log.info('resumed from %s at step %d', manager.directory, start)
   else:
     start = 0
@@ -258,7 +259,7 @@ def _train(config, trainer, loader, state, start, num_steps, manager, writer, ev
     window.append(metrics)
     done = step + 1
     rate = timed_examples / max(time.perf_counter() - timed_from, 1e-9) if timed_examples else 0.0
-    lr = float(lr_fn(jnp.asarray(done // accum)))
+    lr = float(lr_fn(jnp.asarray(step // accum)))  # the lr this step's (accumulated) update uses
     bar.set_postfix({k: f'{v:.3f}' for k, v in metrics.items() if k not in ('alpha', 'grad_norm')} |
                     {'lr': f'{lr:.2e}', 'ex/s': f'{rate:.1f}'}, refresh=False)
     bar.update(1)
