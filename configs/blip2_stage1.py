@@ -6,7 +6,8 @@
         --config.data.annotations.train=pretrain_pairs.json \\
         --config.data.annotations.validation=coco_karpathy_val.json --config.data.image_root=/data/images
 
-Recipe (LAVIS): EVA ViT-g at 224 px, 32 query tokens, lr 1e-4 after 5000 warmup steps from 1e-6,
+Recipe (LAVIS): EVA ViT-g at 224 px, 32 query tokens, lr 1e-4 after 5000 warmup steps from 1e-6
+(in epoch 0 only, as LAVIS's LinearWarmupCosineLRScheduler),
 cosine to 1e-5, weight decay 0.05, 10 epochs, global batch 1600, bf16 image encoder. The image
 encoder never trains (its parameters are outside the optimiser); it comes with `init_from` (a
 converted LAVIS checkpoint brings EVA ViT-g from `eva_vit_g.pth`; the Q-Former may start from

@@ -1,5 +1,6 @@
 """BLIP pretraining (ITC + ITM + LM with the tied decoder) on your image-text pairs, the
-originals' recipe: warmup 3000 steps from 1e-6, then lr * 0.9 ** epoch; 20 epochs at 224 px.
+originals' recipe: warmup over the first 3000 steps from 1e-6 (in epoch 0 only, as BLIP's pretrain.py),
+then lr * 0.9 ** epoch; 20 epochs at 224 px.
 
     python train.py --config configs/pretrain.py --workdir runs/pretrain \\
         --config.data.vocab=/path/to/bert-base-uncased \\

@@ -1,23 +1,33 @@
-"""A few BLIP pretraining steps (ITC with momentum + queues, ITM with hard negatives, LM) on
-whatever devices and processes this process finds, for tests/test_train_sharding.py.
+"""A few train steps of tiny models on whatever devices and processes this process finds, for
+tests/test_train_sharding.py.
 
-    python distributed_step.py OUT.npz --mesh DATA,FSDP [--process_id I --num_processes N --port P]
+    python distributed_step.py OUT_DIR --mesh DATA,FSDP [--tasks pretrain,caption,...]
+        [--optim sgd|adamw] [--fsdp_min_size N] [--process_id I --num_processes N --port P]
 
-Every process feeds only its own rows of each global batch (as the loaders do); process 0 writes
-the losses and the final train state to OUT.npz.
+Tasks: `pretrain` (ITC with momentum + queues, ITM with hard negatives, LM), `caption`,
+`blip2_stage1` (ITC + ITM + ITG, frozen ViT) and `clip`. Every process feeds only its own rows of
+each global batch (as the loaders do); process 0 writes OUT_DIR/<task>.npz: the losses, the final
+params / rest / optimiser state, and the names of the state leaves sharded over 'fsdp'.
 """
 
 import argparse
+import os
+import time
 import types
 
 import jax
 import numpy as np
+
+FAMILY = {'pretrain': 'blip', 'caption': 'blip', 'blip2_stage1': 'blip2', 'clip': 'clip'}
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('out')
   parser.add_argument('--mesh', default='-1,1')
+  parser.add_argument('--tasks', default='pretrain')
+  parser.add_argument('--optim', default='sgd', choices=('sgd', 'adamw'))
+  parser.add_argument('--fsdp_min_size', type=int, default=0)
   parser.add_argument('--process_id', type=int, default=0)
   parser.add_argument('--num_processes', type=int, default=1)
   parser.add_argument('--port', type=int, default=0)
@@ -26,22 +36,42 @@ def main():
   if args.num_processes > 1:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(f'localhost:{args.port}', args.num_processes, args.process_id)
+  for task in args.tasks.split(','):
+    start = time.time()
+    run(task, args)
+    print(f'{task}: {time.time() - start:.1f}s', flush=True)
 
+
+def run(name, args):
+  import ml_collections
   import optax
   from jax.experimental import multihost_utils
 
-  from blip_jax.train import state as state_lib, tasks
-  from blip_jax.train.config_base import TINY_MODELS
+  from blip_jax.train import optim, state as state_lib, tasks
+  from blip_jax.train.config_base import TINY_MODELS, base
 
-  task = tasks.get('pretrain')
+  task = tasks.get(name)
   tokenizer = types.SimpleNamespace(vocab_size=64, bos_token_id=62, enc_token_id=63, sep_token_id=3,
                                     pad_token_id=0, cls_token_id=2)
-  config = tasks.model_config(task, TINY_MODELS['blip'], tokenizer)
+  # One layer per tower: these runs compile each step twice (1 and 8 devices); depth adds nothing here.
+  model = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY_MODELS[FAMILY[name]].items()}
+  model['vision']['depth'] = 1
+  for tower in ('text', 'qformer'):
+    if tower in model:
+      model[tower]['num_layers'] = 1
+  config = tasks.model_config(task, model, tokenizer)
   data, fsdp = map(int, args.mesh.split(','))
   mesh = state_lib.make_mesh(data, fsdp)
-  # Plain SGD: the parameter update is the gradient itself, so equal updates mean equal gradients.
-  trainer = state_lib.Trainer(task, lambda: tasks.build_model(task, config), optax.sgd(0.5), mesh,
-                              alpha_fn=lambda step: 0.4)
+  if args.optim == 'sgd':
+    # Plain SGD: the parameter update is the gradient itself, so equal updates mean equal gradients.
+    tx = optax.sgd(0.5)
+  else:  # the optimiser of train.py: AdamW with the decay mask, a warmup schedule and clipping
+    cfg = ml_collections.ConfigDict({**base().optim.to_dict(), 'schedule': 'step', 'lr': 1e-3, 'warmup_steps': 2,
+                                     'warmup_lr': 1e-4, 'grad_clip': 1.0})
+    tx = optim.optimizer(cfg, 2, 2)
+  kwargs = {'fsdp_min_size': args.fsdp_min_size} if args.fsdp_min_size else {}
+  trainer = state_lib.Trainer(task, lambda: tasks.build_model(task, config), tx, mesh, alpha_fn=lambda step: 0.4,
+                              loss_kwargs={'prompt_length': 2} if task.prompt else {}, **kwargs)
   state = trainer.init()
   sharding = state_lib.batch_sharding(mesh)
   rng = np.random.default_rng(0)
@@ -54,14 +84,18 @@ def main():
     mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
     batch = {'image': rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
              'text_ids': np.where(mask, rng.integers(4, 60, (batch_size, length)), 0).astype(np.int32),
-             'text_mask': mask}
+             'text_mask': mask, 'image_id': rng.integers(0, 6, batch_size).astype(np.int32)}
     batch = {k: jax.make_array_from_process_local_data(sharding, v[rows]) for k, v in batch.items()}
     state, metrics = trainer.step(state, batch)
-    losses.append([float(metrics[k]) for k in ('loss', 'itc', 'itm', 'lm', 'grad_norm')])
-  flat = {state_lib.path_name(p): np.asarray(multihost_utils.process_allgather(x, tiled=True))
-          for p, x in jax.tree_util.tree_leaves_with_path({'params': state['params'], 'rest': state['rest']})}
+    assert bool(metrics['finite']), metrics
+    losses.append([float(metrics[k]) for k in sorted(metrics) if k != 'finite'])
+  leaves = jax.tree_util.tree_leaves_with_path({k: state[k] for k in ('params', 'rest', 'opt_state')})
+  flat = {state_lib.path_name(p): np.asarray(multihost_utils.process_allgather(x, tiled=True)) for p, x in leaves}
+  sharded = [state_lib.path_name(p) for p, x in leaves if 'fsdp' in jax.tree.leaves(tuple(x.sharding.spec))]
   if jax.process_index() == 0:
-    np.savez(args.out, losses=np.asarray(losses), devices=jax.device_count(), **flat)
+    os.makedirs(args.out, exist_ok=True)
+    np.savez(os.path.join(args.out, f'{name}.npz'), losses=np.asarray(losses), devices=jax.device_count(),
+             fsdp_sharded=np.asarray(sharded, dtype=str), **flat)
 
 
 if __name__ == '__main__':

@@ -44,14 +44,23 @@ def base() -> ml_collections.ConfigDict:
   c.optim.schedule = 'cosine'  # cosine | step | warmup_cosine | constant (blip_jax.train.optim)
   c.optim.lr = 1e-5
   c.optim.min_lr = 0.0
+  # Linear warmup from warmup_lr, in epoch 0 only (the originals): a warmup longer than an epoch
+  # is cut at its end. Counted in optimiser steps; not with schedule='cosine'.
   c.optim.warmup_steps = 0
   c.optim.warmup_lr = 0.0
-  c.optim.decay_rate = 0.9
-  c.optim.weight_decay = 0.05
-  c.optim.grad_clip = 0.0  # 0 = off
+  c.optim.decay_rate = 0.9  # schedule='step': lr * decay_rate ** epoch
+  c.optim.weight_decay = 0.05  # AdamW, on weight matrices only (blip_jax.train.optim)
+  c.optim.grad_clip = 0.0  # clip the global gradient norm to this; 0 = off
+  # Optimiser step every grad_accum micro-batches, on the mean of their gradients. That is one
+  # grad_accum times larger batch only for losses that average over examples (captioning with
+  # equal token counts, VQA, NLVR2). The contrastive losses (ITC with its in-batch negatives,
+  # ITM's hard negatives, CLIP's InfoNCE) are not decomposable: each micro-batch is its own,
+  # smaller set of negatives.
   c.optim.grad_accum = 1
 
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
+  # Devices as a data x fsdp mesh (-1: what the other axis leaves). With fsdp > 1, every state
+  # leaf of at least fsdp_min_size elements is split over the fsdp axis (ZeRO-3 style).
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'fsdp_min_size': 1 << 14})
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64

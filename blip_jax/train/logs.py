@@ -38,6 +38,25 @@ class MetricWriter:
         tf.summary.scalar(k, v)
     self._tb.flush()
 
+  def rewind(self, step: int) -> None:
+    """Forget the rows after `step` (a resumed run is about to write them again), and a line
+    cut short by a kill, so that metrics.jsonl reads as the straight run's."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    keep = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if row.get('step', 0) <= step:
+          keep.append(line if line.endswith('\n') else line + '\n')
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(keep)
+    os.replace(tmp, self.path)
+
   def plot(self) -> str | None:
     """Every logged series against the step, one panel per prefix, saved as a PNG."""
     if not self.enabled or not os.path.exists(self.path):

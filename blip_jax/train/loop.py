@@ -189,7 +189,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     loss_kwargs['prompt_length'] = int(prompt_mask.sum()) - 1  # [CLS] + prompt, without [SEP]
   trainer = state_lib.Trainer(task, lambda: tasks_lib.build_model(task, model_config, seed=config.seed), tx, mesh,
                               frozen=tuple(config.get('freeze', ())), alpha_fn=_alpha_fn(config, steps_per_epoch),
-                              loss_kwargs=loss_kwargs, seed=config.seed)
+                              loss_kwargs=loss_kwargs, seed=config.seed,
+                              fsdp_min_size=config.mesh.get('fsdp_min_size', state_lib.FSDP_MIN_SIZE))
   evaluator = evaluation.Evaluator(task, trainer, eval_data, tokenizer, config.eval)
   writer = MetricWriter(workdir)
   manager = _checkpoint_manager(workdir, config.get('keep_checkpoints', 2))
@@ -198,6 +199,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if start is not None:
     state, data_state = _restore(manager, trainer, start)
     start = data_state['step']
+    writer.rewind(start)
     log.info('resumed from %s at step %d', manager.directory, start)
   else:
     start = 0
@@ -257,7 +259,7 @@ def _train(config, trainer, loader, state, start, num_steps, manager, writer, ev
     window.append(metrics)
     done = step + 1
     rate = timed_examples / max(time.perf_counter() - timed_from, 1e-9) if timed_examples else 0.0
-    lr = float(lr_fn(jnp.asarray(done // accum)))
+    lr = float(lr_fn(jnp.asarray(step // accum)))  # the lr this step's (accumulated) update uses
     bar.set_postfix({k: f'{v:.3f}' for k, v in metrics.items() if k not in ('alpha', 'grad_norm')} |
                     {'lr': f'{lr:.2e}', 'ex/s': f'{rate:.1f}'}, refresh=False)
     bar.update(1)

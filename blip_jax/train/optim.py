@@ -1,13 +1,25 @@
 """Optimiser and learning-rate schedules of the originals (REFERENCE.md section 9).
 
-Schedules are functions of the optimiser step; the originals' per-epoch rules use
-`steps_per_epoch` to find the epoch:
-- `cosine` (BLIP fine-tuning): lr = min + (init - min) * (1 + cos(pi * epoch / epochs)) / 2,
+Schedules are functions of the optimiser step `t` (counted from 0; with `grad_accum = k` one
+optimiser step is k micro-batches); `epoch = t // steps_per_epoch`. As in BLIP's `utils.py` and
+LAVIS's `common/optims.py`, the warmup happens only in epoch 0: there
+`lr = min(lr, warmup_lr + (lr - warmup_lr) * t / warmup_steps)`, so a `warmup_steps` longer than
+an epoch is cut short at the end of epoch 0 (the originals' `if epoch == 0: warmup_lr_schedule`).
+From epoch 1 on (and in epoch 0 when `warmup_steps == 0`):
+- `cosine` (BLIP fine-tuning, no warmup): lr = min + (init - min) * (1 + cos(pi * epoch / epochs)) / 2,
   constant within an epoch;
-- `step` (BLIP pretraining): linear warmup from `warmup_lr` over `warmup_steps`, then
-  max(min_lr, init * decay_rate ** epoch);
-- `warmup_cosine` (BLIP-2): linear warmup over `warmup_steps` (within the first epoch), then
-  the per-epoch cosine.
+- `step` (BLIP pretraining): max(min_lr, init * decay_rate ** epoch);
+- `warmup_cosine` (BLIP-2, LAVIS `LinearWarmupCosineLRScheduler`): the per-epoch cosine;
+- `constant`: init.
+`cosine` has no warmup (BLIP's fine-tuning scripts have none); setting `warmup_steps` with it is
+refused. LAVIS counts its warmup in micro-batches when it accumulates gradients; here
+`warmup_steps` counts optimiser steps.
+
+Weight decay (AdamW, decoupled) applies to matrices only: not to biases, norms or other
+vectors and scalars (ndim < 2), and not to the embedding tables, position embeddings, class and
+query tokens and the temperature / logit scale named in `NO_DECAY`. The originals differ among
+themselves: BLIP decays every parameter, LAVIS (BLIP-2) skips ndim < 2 and names with
+`bias` / `ln` / `bn`, open_clip skips ndim < 2 and `logit_scale`.
 """
 
 from __future__ import annotations
@@ -31,15 +43,19 @@ def schedule(cfg, steps_per_epoch: int, num_epochs: int):
     raise ValueError(f'optim.schedule must be one of {SCHEDULES}, got {name!r}')
   warmup, warmup_lr = cfg.get('warmup_steps', 0), cfg.get('warmup_lr', 0.0)
 
+  if name == 'cosine' and warmup:
+    raise ValueError(f'optim.schedule=cosine has no warmup (got warmup_steps={warmup}); '
+                     f"use 'warmup_cosine' or warmup_steps=0")
+
   def lr(step):
     epoch = (step // steps_per_epoch).astype(jnp.float32)
     cosine = min_lr + (init - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * epoch / max(num_epochs, 1)))
-    after = {'cosine': cosine, 'warmup_cosine': cosine, 'constant': jnp.asarray(init, jnp.float32),
+    after = {'cosine': cosine, 'warmup_cosine': cosine, 'constant': jnp.full((), init, jnp.float32),
              'step': jnp.maximum(min_lr, init * cfg.get('decay_rate', 1.0) ** epoch)}[name]
-    if name == 'cosine' or warmup == 0:
+    if warmup == 0:
       return after
-    ramp = warmup_lr + (init - warmup_lr) * jnp.minimum(step, warmup) / warmup
-    return jnp.where(step < warmup, ramp, after)
+    ramp = jnp.minimum(init, warmup_lr + (init - warmup_lr) * step / warmup)
+    return jnp.where(step < steps_per_epoch, ramp, after)
 
   return lr
 

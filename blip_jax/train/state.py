@@ -5,9 +5,10 @@ other model variable: frozen parameters, momentum encoders, queues, dropout RNG 
 `opt_state`, `step` and `rng`. It is built directly in its sharding with `jax.eval_shape` +
 `jax.jit(init, out_shardings=...)`, and the step is jitted with explicit shardings and donation.
 
-Sharding: the batch is split over the mesh axes ('data', 'fsdp'); a parameter (and its
-optimiser moments) is split over 'fsdp' along its largest dimension divisible by the axis size
-when the mesh has one, and replicated otherwise.
+Sharding: the batch is split over the mesh axes ('data', 'fsdp'); a state leaf (a parameter,
+its optimiser moments, a frozen weight, a queue) of at least `fsdp_min_size` elements
+(`config.mesh.fsdp_min_size`) is split over 'fsdp' along its largest dimension divisible by the
+axis size when the mesh has one, and replicated otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from blip_jax.train import tasks as tasks_lib
 from blip_jax.train.optim import path_name
 
 MOMENTUM = r'^[a-z_]+_m\.'  # visual_encoder_m., text_proj_m., ...: updated by EMA, not by gradients
-FSDP_MIN_SIZE = 1 << 14
+FSDP_MIN_SIZE = 1 << 14  # smaller leaves are replicated: splitting them saves less than it costs
 
 
 def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
@@ -44,10 +45,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(('data', 'fsdp')))
 
 
-def leaf_sharding(mesh: Mesh, x) -> NamedSharding:
+def leaf_sharding(mesh: Mesh, x, min_size: int = FSDP_MIN_SIZE) -> NamedSharding:
   n = mesh.shape['fsdp']
   shape = getattr(x, 'shape', ())
-  if n > 1 and np.prod(shape, dtype=np.int64) >= FSDP_MIN_SIZE:
+  if n > 1 and np.prod(shape, dtype=np.int64) >= min_size:
     dims = [d for d in np.argsort(shape)[::-1] if shape[d] % n == 0]
     if dims:
       spec = [None] * len(shape)
@@ -70,7 +71,8 @@ class Trainer:
   """Builds the sharded state of a task's model and runs its jitted step."""
 
   def __init__(self, task: tasks_lib.Task, build_model, tx: optax.GradientTransformation, mesh: Mesh, *,
-               frozen: tuple[str, ...] = (), alpha_fn=lambda step: 0.0, loss_kwargs=None, seed: int = 0):
+               frozen: tuple[str, ...] = (), alpha_fn=lambda step: 0.0, loss_kwargs=None, seed: int = 0,
+               fsdp_min_size: int = FSDP_MIN_SIZE):
     self.task, self.build_model, self.tx, self.mesh = task, build_model, tx, mesh
     self.alpha_fn, self.seed = alpha_fn, seed
     self.loss_kwargs = loss_kwargs or {}
@@ -79,7 +81,7 @@ class Trainer:
     self.graphdef, _, rest = nnx.split(abstract, self.trainable, ...)
     self.is_key = jax.tree.map(lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key), rest)
     self.state_shapes = jax.eval_shape(self._init)
-    self.state_sharding = jax.tree.map(lambda x: leaf_sharding(mesh, x), self.state_shapes)
+    self.state_sharding = jax.tree.map(lambda x: leaf_sharding(mesh, x, fsdp_min_size), self.state_shapes)
     self.step_fn = jax.jit(self._step, in_shardings=(self.state_sharding, batch_sharding(mesh)),
                            out_shardings=(self.state_sharding, NamedSharding(mesh, P())), donate_argnums=0)
 
@@ -125,7 +127,10 @@ class Trainer:
       _, rest = self._split(model)
 
     def loss_fn(params):
-      model = self._merge(params, rest)
+      # Training mode: dropout and drop path on, as the originals' model.train(). Only the
+      # state leaves the step, so the graphdef (and every model evaluated from it) stays in
+      # inference mode.
+      model = nnx.view(self._merge(params, rest), deterministic=False, raise_if_not_found=False)
       loss, terms = self.task.loss(model, batch, rng, alpha, **self.loss_kwargs)
       return loss, (terms, self._split(model)[1])
 
