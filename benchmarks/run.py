@@ -538,11 +538,14 @@ def blip_train(scale: str) -> Workload:
   rng = np.random.default_rng(4)  # a negative is never the positive: shift by 1..B-1
   neg_image = ((np.arange(batch) + rng.integers(1, batch, batch)) % batch).astype(np.int32)
   neg_text = ((np.arange(batch) + rng.integers(1, batch, batch)) % batch).astype(np.int32)
-  # Dropout is off on both sides (the models as built): the outputs must be comparable.
+  # Dropout is off on both sides, so that the outputs are comparable: HF's model is in eval mode,
+  # and the project's step (which trains with dropout on) gets a config with rate 0.
   task = train_tasks.Task('bench_retrieval', 'blip', 'retrieval', 'pairs', _bench_retrieval_loss)
+  no_dropout = dataclasses.replace(model.config, text=dataclasses.replace(model.config.text, hidden_dropout=0.0,
+                                                                           attention_dropout=0.0))
   # Weight decay on every parameter on both sides: the project's no-decay list matches its own
   # parameter names, which differ from HF's.
-  trainer = train_state.Trainer(task, lambda: blip_models.build('retrieval', model.config),
+  trainer = train_state.Trainer(task, lambda: blip_models.build('retrieval', no_dropout),
                                 optax.adamw(lr, weight_decay=weight_decay), train_state.make_mesh())
   state = trainer.with_model(trainer.init(), model)
   data = {'image': x_nhwc, 'text_ids': ids, 'text_mask': mask, 'neg_image': neg_image, 'neg_text': neg_text}
