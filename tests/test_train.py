@@ -149,10 +149,16 @@ def test_every_config_trains_at_tiny_size_and_its_loss_decreases(name, data_dir,
   metrics = loop.train_and_evaluate(config, str(tmp_path))
   lines = _train_lines(tmp_path)
   assert [l['step'] for l in lines] == list(range(1, 31))
-  first, last = (np.mean([l['train/loss'] for l in part]) for part in (lines[:5], lines[-5:]))
+  # With momentum encoders, from the step the feature queues are full (queue_size / batch_size
+  # steps): until then ITC has fewer negatives, so a lower loss that says nothing about learning.
+  # The alpha ramp also raises ITC's floor (the entropy of its soft targets) during these steps,
+  # so any decrease is the test there.
+  momentum = tasks.get(config.task).momentum
+  full = config.model.queue_size // config.batch_size if momentum else 0
+  first, last = (np.mean([l['train/loss'] for l in part]) for part in (lines[full:full + 5], lines[-5:]))
   assert np.isfinite([first, last]).all()
   if config.task not in SLOW_STARTERS:
-    assert last < 0.95 * first, (name, first, last)
+    assert last < (1.0 if momentum else 0.95) * first, (name, first, last)
   expected = {'retrieval': 'retrieval/i2t_r1', 'pretrain': 'caption/cider', 'caption': 'caption/bleu4',
               'vqa': 'vqa/accuracy', 'nlvr': 'nlvr/accuracy', 'blip2_stage1': 'retrieval/t2i_r1',
               'blip2_stage2': 'val/lm', 'clip': 'retrieval/r_mean'}[config.task]
