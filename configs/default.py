@@ -19,6 +19,10 @@ def get_config(arg: str = ''):
   # A short run from scratch: a shorter queue and a faster momentum encoder keep the ITC
   # negatives and distillation targets close to the current model (the originals: 57600, 0.995).
   c.model.update(queue_size=256, momentum=0.99)
+  # No dropout (the originals: 0.1 in MED): 3.5 epochs of a 2M-parameter model are far from
+  # overfitting, and with it ITC / ITM learn far slower (measured 2026-11-25: R@1 i2t / t2i 4.5 /
+  # 7.1 with dropout, 14.0 / 9.2 without; captions do better with it, CIDEr 150.7 against 134.5).
+  c.model.text.update(hidden_dropout=0.0, attention_dropout=0.0)
   c.data.name = 'synthetic_scenes/small'
   c.batch_size = 32
   c.num_epochs = 4
