@@ -51,12 +51,15 @@ def sample_hard_negatives(rng, sim_i2t, sim_t2i, positive_mask):
 
 def itm_loss_with_negatives(itm_logits_fn, image_embeds, input_ids, attention_mask, neg_image, neg_text):
   """ITM over [positives (B); (negative image, text) (B); (image, negative text) (B)] with labels
-  [1]*B + [0]*2B, plain cross-entropy. `itm_logits_fn(image_embeds, ids, mask)` -> [N, 2]."""
+  [1]*B + [0]*2B, plain cross-entropy. `itm_logits_fn(image_embeds, ids, mask, image_rows)` ->
+  [N, 2], with pair i reading image `image_rows[i]`: the B images' cross-attention keys/values
+  are computed once, not once per pair as in the originals' concatenated copies."""
   b = input_ids.shape[0]
-  images = jnp.concatenate([image_embeds, image_embeds[neg_image], image_embeds], axis=0)
+  own = jnp.arange(b)
+  image_rows = jnp.concatenate([own, jnp.asarray(neg_image), own])
   ids = jnp.concatenate([input_ids, input_ids, input_ids[neg_text]], axis=0)
   mask = jnp.concatenate([attention_mask, attention_mask, attention_mask[neg_text]], axis=0)
-  logits = itm_logits_fn(images, ids, mask)
+  logits = itm_logits_fn(image_embeds, ids, mask, image_rows)
   labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
   return soft_cross_entropy(logits, jax.nn.one_hot(labels, 2)), logits
 

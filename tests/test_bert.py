@@ -1,5 +1,5 @@
 """MED BERT pieces that have no single HF call to compare with: the decoding cache, embeddings
-input, masks."""
+input, masks, the attention function's layouts."""
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +117,39 @@ def test_grouped_and_cached_attention_equal_repeated_keys():
     assert_close(layers.dot_product_attention(q, k, v, bias), np.asarray(ref), 'grouped attention')
     assert_close(layers.dot_product_attention(q, layers.CachedKV.of(k, v), None, bias), np.asarray(ref),
                  'grouped attention, cached layout')
+
+
+def test_head_at_a_time_attention_equals_the_formula(monkeypatch):
+  """The CPU path that loops over heads (scores above `layers.HEAD_AT_A_TIME_BYTES`) gives the
+  softmax formula's output (float64 numpy) and the one-pass path's gradients, for every bias
+  layout the models pass."""
+  rng = np.random.default_rng(0)
+  b, tq, tk, h, d = 2, 5, 7, 3, 4
+  q = jnp.asarray(rng.normal(size=(b, tq, h, d)), jnp.float32)
+  k, v, w = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for n in (tk, tk, tq))
+  biases = {'none': None, 'per key': layers.mask_to_bias(jnp.asarray(rng.random((b, tk)) > 0.3)),
+            'per query': jnp.asarray(rng.normal(size=(b, 1, tq, tk)), jnp.float32),
+            'per head': jnp.asarray(rng.normal(size=(b, h, tq, tk)), jnp.float32)}
+
+  def formula(bias):
+    logits = np.einsum('bqhd,bkhd->bhqk', *(np.asarray(x, np.float64) for x in (q, k))) / np.sqrt(d)
+    if bias is not None:
+      logits = logits + np.asarray(bias, np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum('bhqk,bkhd->bqhd', probs, np.asarray(v, np.float64))
+
+  def attend(bias, threshold):
+    monkeypatch.setattr(layers, 'HEAD_AT_A_TIME_BYTES', threshold)
+    f = lambda q, k, v: layers.dot_product_attention(q, k, v, bias)
+    looped = 'scan' in str(jax.make_jaxpr(f)(q, k, v))
+    grads = jax.grad(lambda *qkv: (f(*qkv) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    return looped, f(q, k, v), grads
+
+  for name, bias in biases.items():
+    looped, out, grads = attend(bias, 0)
+    one_pass, _, ref_grads = attend(bias, 2**62)
+    assert looped and not one_pass
+    assert_close(out, formula(bias), f'head-at-a-time attention, bias {name}')
+    for x, grad, ref in zip('qkv', grads, ref_grads):
+      assert_close(grad, np.asarray(ref), f'head-at-a-time d/d{x}, bias {name}')

@@ -6,7 +6,9 @@ import pytest
 import torch
 import transformers
 
+from blip_jax import objectives
 from blip_jax.convert import load_torch
+from blip_jax.models import layers
 from blip_jax.models.bert import lm_loss
 from torch_refs import CLS, DEC, ENC, OVERRIDES, assert_close, build_hf, images, nhwc, text_batch
 
@@ -18,7 +20,12 @@ def retrieval():
   return hf, model
 
 
-def test_blip_model_vision_text_and_multimodal_states():
+@pytest.mark.parametrize('head_at_a_time', [False, True])
+def test_blip_model_vision_text_and_multimodal_states(monkeypatch, head_at_a_time):
+  """Also with every attention on the CPU path that loops over heads (`layers.HEAD_AT_A_TIME_BYTES`;
+  these shapes are below it otherwise)."""
+  if head_at_a_time:
+    monkeypatch.setattr(layers, 'HEAD_AT_A_TIME_BYTES', 0)
   hf = build_hf(transformers.BlipModel)
   model, _, report = load_torch(hf.state_dict(), task='feature_extractor', **OVERRIDES)
   assert 'text_encoder.pooler.dense.weight' in report.skipped  # reported, not silently dropped
@@ -46,6 +53,23 @@ def test_retrieval_itm_logits(retrieval):
   # Our model puts [ENC] first itself, so [CLS]-first input gives the same logits.
   cls_ids, _ = text_batch(first_token=CLS)
   assert_close(model.itm_logits(embeds, cls_ids.numpy(), mask.numpy()), ref, 'ITM logits ([CLS] in)')
+
+
+def test_itm_with_hard_negatives_matches_hf_on_copied_pairs(retrieval):
+  """ITM over [positives; negative images; negative texts] reads each image's keys/values once
+  (`image_rows`) and gives HF's logits and loss on the concatenated copies the originals build."""
+  hf, model = retrieval
+  x = images()
+  ids, mask = text_batch(first_token=ENC)
+  neg_image, neg_text = torch.tensor([1, 0]), torch.tensor([1, 0])
+  with torch.no_grad():
+    ref = hf(input_ids=torch.cat([ids, ids, ids[neg_text]]), pixel_values=torch.cat([x, x[neg_image], x]),
+             attention_mask=torch.cat([mask, mask, mask[neg_text]]), use_itm_head=True).itm_score
+    ref_loss = torch.nn.functional.cross_entropy(ref, torch.tensor([1, 1, 0, 0, 0, 0]))
+  loss, logits = objectives.itm_loss_with_negatives(model.itm_logits, model.image_embeds(nhwc(x)), ids.numpy(),
+                                                    mask.numpy(), neg_image.numpy(), neg_text.numpy())
+  assert_close(logits, ref, 'ITM logits of the hard-negative pairs')
+  assert_close(loss, ref_loss, 'ITM loss')
 
 
 def test_retrieval_itc_features_and_similarity(retrieval):

@@ -258,7 +258,8 @@ class BertModel(nnx.Module):
     return states, biases
 
   def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, mode='text',
-               encoder_hidden_states=None, encoder_attention_mask=None, is_decoder=False):
+               encoder_hidden_states=None, encoder_attention_mask=None, encoder_rows=None,
+               is_decoder=False):
     """Run the encoder.
 
     Args:
@@ -267,6 +268,8 @@ class BertModel(nnx.Module):
       mode: 'text' (no cross-attention) or 'multimodal' (cross-attention to
         `encoder_hidden_states`: one [B, N, W] array, or two for the NLVR2 encoder).
       encoder_attention_mask: [B, N] (or one per image), 1 for states to attend to; default all.
+      encoder_rows: [B] ints: text row i attends to encoder row `encoder_rows[i]` (default i), so
+        the encoder inputs may have fewer rows than the text (see `layers.gather_rows`).
       is_decoder: causal self-attention (the decoder's mode).
     """
     if mode not in ('text', 'multimodal'):
@@ -281,8 +284,11 @@ class BertModel(nnx.Module):
     cross_states, cross_biases = (None, None)
     if mode == 'multimodal':
       cross_states, cross_biases = self._cross_inputs(encoder_hidden_states, encoder_attention_mask)
+      cross_biases = layers.gather_rows(cross_biases, encoder_rows)
     for layer in self.encoder.layer:
-      cross = None if cross_states is None else (layer.cross_key_values(cross_states), cross_biases)
+      cross = None
+      if cross_states is not None:
+        cross = (layers.gather_rows(layer.cross_key_values(cross_states), encoder_rows), cross_biases)
       x, _ = layer(x, self_bias, cross)
     return x
 

@@ -90,11 +90,12 @@ class BlipFeatureExtractor(_WithImageEncoder):
     """Unimodal text states [B, T, H] (text mode, `[CLS]` kept)."""
     return self.text_encoder(input_ids, attention_mask, mode='text')
 
-  def multimodal_embeds(self, image_embeds, input_ids, attention_mask=None):
+  def multimodal_embeds(self, image_embeds, input_ids, attention_mask=None, image_rows=None):
     """Image-grounded text states [B, T, H]: `[ENC]` first, cross-attention to the image
-    (`image_embeds` may be a list of two for the NLVR2 encoder)."""
+    (`image_embeds` may be a list of two for the NLVR2 encoder). `image_rows` [B]: text i reads
+    image `image_rows[i]` (default i)."""
     return self.text_encoder(set_first_token(input_ids, self.config.enc_token_id), attention_mask,
-                             mode='multimodal', encoder_hidden_states=image_embeds)
+                             mode='multimodal', encoder_hidden_states=image_embeds, encoder_rows=image_rows)
 
 
 class BlipRetrieval(BlipFeatureExtractor):
@@ -169,9 +170,10 @@ class BlipRetrieval(BlipFeatureExtractor):
     """Image-to-text logits [B_img, B_txt] of the contrastive loss: cosine / temp."""
     return self.similarity(image_feat, text_feat) / self.temperature()
 
-  def itm_logits(self, image_embeds, input_ids, attention_mask=None):
-    """ITM logits [B, 2] (index 1 = match) of image-text pairs."""
-    states = self.multimodal_embeds(image_embeds, input_ids, attention_mask)
+  def itm_logits(self, image_embeds, input_ids, attention_mask=None, image_rows=None):
+    """ITM logits [B, 2] (index 1 = match) of image-text pairs: text i with image
+    `image_rows[i]` (default i)."""
+    states = self.multimodal_embeds(image_embeds, input_ids, attention_mask, image_rows)
     return self.itm_head(states[:, 0]).astype(jnp.float32)
 
 

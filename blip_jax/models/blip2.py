@@ -89,10 +89,12 @@ class Blip2Qformer(_Blip2Base):
     """ITC similarity [B_img, B_txt]: max over the queries of the cosine."""
     return jnp.einsum('iqe,te->iqt', image_feat, text_feat).max(axis=1)
 
-  def itm_logits(self, image_embeds, input_ids, attention_mask=None):
-    """ITM logits [B, 2] of image-text pairs: itm_head averaged over the query positions."""
-    queries = self._queries(image_embeds.shape[0])
-    states = self.Qformer.bert(queries, input_ids, attention_mask, image_embeds=image_embeds)
+  def itm_logits(self, image_embeds, input_ids, attention_mask=None, image_rows=None):
+    """ITM logits [B, 2] of image-text pairs: itm_head averaged over the query positions; text
+    i with image `image_rows[i]` (default i)."""
+    queries = self._queries(input_ids.shape[0])
+    states = self.Qformer.bert(queries, input_ids, attention_mask, image_embeds=image_embeds,
+                               image_rows=image_rows)
     return self.itm_head(states[:, :queries.shape[1]]).mean(axis=1).astype(jnp.float32)
 
   def itg_logits(self, image_embeds, input_ids, attention_mask=None):

@@ -73,7 +73,7 @@ class QFormerLayer(nnx.Module):
     self.intermediate_query = BertIntermediate(cfg, rngs=rngs)
     self.output_query = BertSelfOutput(cfg, cfg.intermediate_size, rngs=rngs)
 
-  def __call__(self, x, self_bias, num_query: int, image_embeds=None):
+  def __call__(self, x, self_bias, num_query: int, image_embeds=None, image_rows=None):
     x, _ = self.attention(x, self_bias)
     queries, text = x[:, :num_query], x[:, num_query:]
     out = []
@@ -81,7 +81,8 @@ class QFormerLayer(nnx.Module):
       if self.crossattention is not None:
         if image_embeds is None:
           raise ValueError('query tokens need image_embeds for the cross-attention layers')
-        queries, _ = self.crossattention(queries, None, self.crossattention.self.key_value(image_embeds))
+        kv = layers.gather_rows(self.crossattention.self.key_value(image_embeds), image_rows)
+        queries, _ = self.crossattention(queries, None, kv)
       out.append(self.output_query(self.intermediate_query(queries), queries))
     if text.shape[1]:
       out.append(self.output(self.intermediate(text), text))
@@ -100,7 +101,7 @@ class QFormerBert(nnx.Module):
     self.encoder = QFormerEncoder(cfg, rngs=rngs)
 
   def __call__(self, query_embeds=None, input_ids=None, attention_mask=None, *, image_embeds=None,
-               causal_text: bool = False):
+               image_rows=None, causal_text: bool = False):
     """States [B, Q + T, H] of [queries; text].
 
     Args:
@@ -108,6 +109,7 @@ class QFormerBert(nnx.Module):
       input_ids: [B, T] text, or None for queries alone (image features).
       attention_mask: [B, T] text validity (queries are always valid).
       image_embeds: [B, N, W] image states for the queries' cross-attention.
+      image_rows: [B] ints: row i's queries attend to image `image_rows[i]` (default i).
       causal_text: ITG's mask (text causal, seeing every query) instead of bidirectional.
     """
     x = self.embeddings(query_embeds, input_ids)
@@ -122,7 +124,7 @@ class QFormerBert(nnx.Module):
       mask_ar = mask_ar.at[:, num_query:].set(1)
     self_bias = layers.mask_to_bias(layers.make_attn_mask(valid, mask_ar))
     for layer in self.encoder.layer:
-      x = layer(x, self_bias, num_query, image_embeds)
+      x = layer(x, self_bias, num_query, image_embeds, image_rows)
     return x
 
 
