@@ -768,7 +768,7 @@ def main(argv=None) -> int:
                       help="each side runs in its own process; 'alternate' keeps both alive and times them "
                            "in turn (fair under load from other work), 'sequential' times all of the JAX "
                            "side's calls, ends it, then the PyTorch side's (when two sides do not fit in memory). "
-                           "Default: alternate, except sequential for the full-size training step (20.3 + 12.6 GiB)")
+                           "Default: alternate, except sequential for the full-size training step (16.4 + 12.8 GiB)")
   parser.add_argument('--torch-threads', type=int, default=CORES,
                       help='PyTorch intra-op threads (default: the cores this process may use, as XLA does); '
                            'on a machine busy with other work, OpenMP threads that wait for each other slow '
