@@ -49,17 +49,29 @@ def sample_hard_negatives(rng, sim_i2t, sim_t2i, positive_mask):
   return neg_image, neg_text
 
 
-def itm_loss_with_negatives(itm_logits_fn, image_embeds, input_ids, attention_mask, neg_image, neg_text):
+def itm_loss_with_negatives(itm_logits_fn, image_embeds, input_ids, attention_mask, neg_image, neg_text, *,
+                            share_image_keys: bool | None = None):
   """ITM over [positives (B); (negative image, text) (B); (image, negative text) (B)] with labels
   [1]*B + [0]*2B, plain cross-entropy. `itm_logits_fn(image_embeds, ids, mask, image_rows)` ->
-  [N, 2], with pair i reading image `image_rows[i]`: the B images' cross-attention keys/values
-  are computed once, not once per pair as in the originals' concatenated copies."""
+  [N, 2], pair i reading image `image_rows[i]`.
+
+  `share_image_keys` (default: on a single device): the 3B pairs read the B images'
+  cross-attention keys/values by index, so the image-side projections run once per image (a
+  third of the originals' work on their concatenated image copies). Otherwise the image states are
+  copied per pair as in the originals: on a mesh the index would gather every layer's keys and
+  values across devices, where the copy moves the image states once.
+  """
   b = input_ids.shape[0]
-  own = jnp.arange(b)
-  image_rows = jnp.concatenate([own, jnp.asarray(neg_image), own])
+  if share_image_keys is None:
+    share_image_keys = jax.device_count() == 1
   ids = jnp.concatenate([input_ids, input_ids, input_ids[neg_text]], axis=0)
   mask = jnp.concatenate([attention_mask, attention_mask, attention_mask[neg_text]], axis=0)
-  logits = itm_logits_fn(image_embeds, ids, mask, image_rows)
+  if share_image_keys:
+    own = jnp.arange(b)
+    logits = itm_logits_fn(image_embeds, ids, mask, jnp.concatenate([own, jnp.asarray(neg_image), own]))
+  else:
+    images = jnp.concatenate([image_embeds, image_embeds[neg_image], image_embeds], axis=0)
+    logits = itm_logits_fn(images, ids, mask, None)
   labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
   return soft_cross_entropy(logits, jax.nn.one_hot(labels, 2)), logits
 

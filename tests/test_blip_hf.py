@@ -55,9 +55,11 @@ def test_retrieval_itm_logits(retrieval):
   assert_close(model.itm_logits(embeds, cls_ids.numpy(), mask.numpy()), ref, 'ITM logits ([CLS] in)')
 
 
-def test_itm_with_hard_negatives_matches_hf_on_copied_pairs(retrieval):
-  """ITM over [positives; negative images; negative texts] reads each image's keys/values once
-  (`image_rows`) and gives HF's logits and loss on the concatenated copies the originals build."""
+@pytest.mark.parametrize('share_image_keys', [True, False])
+def test_itm_with_hard_negatives_matches_hf_on_copied_pairs(retrieval, share_image_keys):
+  """ITM over [positives; negative images; negative texts], reading each image's keys/values once
+  (`image_rows`, the single-device path) or from copied image states (on a mesh), gives HF's
+  logits and loss on the concatenated copies the originals build."""
   hf, model = retrieval
   x = images()
   ids, mask = text_batch(first_token=ENC)
@@ -67,7 +69,8 @@ def test_itm_with_hard_negatives_matches_hf_on_copied_pairs(retrieval):
              attention_mask=torch.cat([mask, mask, mask[neg_text]]), use_itm_head=True).itm_score
     ref_loss = torch.nn.functional.cross_entropy(ref, torch.tensor([1, 1, 0, 0, 0, 0]))
   loss, logits = objectives.itm_loss_with_negatives(model.itm_logits, model.image_embeds(nhwc(x)), ids.numpy(),
-                                                    mask.numpy(), neg_image.numpy(), neg_text.numpy())
+                                                    mask.numpy(), neg_image.numpy(), neg_text.numpy(),
+                                                    share_image_keys=share_image_keys)
   assert_close(logits, ref, 'ITM logits of the hard-negative pairs')
   assert_close(loss, ref_loss, 'ITM loss')
 
