@@ -82,6 +82,8 @@ def dot_product_attention(q, k, v, bias=None, dropout: nnx.Dropout | None = None
   [B, Tk, H, D], each group of G consecutive query rows reads one key/value row (the beams or
   samples of one image share its cross-attention keys/values instead of G copies). `bias` then
   broadcasts to [B, H, Tq, Tk] or [B * G, H, Tq, Tk].
+
+  On CPU, large scores are computed a head at a time (`HEAD_AT_A_TIME_BYTES`); same result.
   """
   cached = isinstance(k, CachedKV)
   if cached:
