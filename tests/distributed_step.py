@@ -18,6 +18,8 @@ import types
 import jax
 import numpy as np
 
+import process_group
+
 FAMILY = {'pretrain': 'blip', 'caption': 'blip', 'blip2_stage1': 'blip2', 'clip': 'clip'}
 
 
@@ -28,14 +30,10 @@ def main():
   parser.add_argument('--tasks', default='pretrain')
   parser.add_argument('--optim', default='sgd', choices=('sgd', 'adamw'))
   parser.add_argument('--fsdp_min_size', type=int, default=0)
-  parser.add_argument('--process_id', type=int, default=0)
-  parser.add_argument('--num_processes', type=int, default=1)
-  parser.add_argument('--port', type=int, default=0)
+  process_group.add_flags(parser)
   parser.add_argument('--steps', type=int, default=3)
   args = parser.parse_args()
-  if args.num_processes > 1:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(f'localhost:{args.port}', args.num_processes, args.process_id)
+  process_group.join(args)
   for task in args.tasks.split(','):
     start = time.time()
     run(task, args)

@@ -14,6 +14,8 @@ import argparse
 import jax
 import numpy as np
 
+import process_group
+
 
 class Source:
   """Record i holds a 2 x 2 image filled with i."""
@@ -24,13 +26,9 @@ class Source:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--process_id', type=int, default=0)
-  parser.add_argument('--num_processes', type=int, default=1)
-  parser.add_argument('--port', type=int, default=0)
+  process_group.add_flags(parser)
   args = parser.parse_args()
-  if args.num_processes > 1:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(f'localhost:{args.port}', args.num_processes, args.process_id)
+  process_group.join(args)
   from jax.experimental import multihost_utils
   from jax.sharding import Mesh
   from blip_jax.data.examples import Examples
