@@ -3,6 +3,7 @@
     python benchmarks/run.py --quick                       # 2 layers, small batches: minutes on 2 cores
     python benchmarks/run.py --out results.json            # the full sizes
     python benchmarks/run.py --workloads blip_vit,clip --repeats 7
+    python benchmarks/run.py --dtype bfloat16              # on a GPU: bf16 throughput and MFU
 
 Each workload builds the PyTorch reference (HF transformers' BLIP / BLIP-2 classes, open_clip)
 from a config with random weights, converts its state dict with `blip_jax.convert.load_torch`
@@ -20,12 +21,25 @@ On a machine shared with other work, PyTorch's OpenMP threads suffer much more t
 core is taken away (each parallel region waits for its slowest thread); `--torch-threads 1`
 shows how much of a gap is that.
 
+`--dtype bfloat16` runs both sides in mixed precision as users train and serve on accelerators:
+blip_jax models with `dtype='bfloat16'` (bf16 compute, fp32 parameters, fp32 softmax) against the
+PyTorch models under `torch.autocast(dtype=torch.bfloat16)`, and measures the bf16 matmul peak.
+The two sides then agree only to bf16 precision: floating outputs are compared relative to the
+reference's largest magnitude (`BF16_TOL`), and generated tokens, which may part at a near-tie,
+are reported as the fraction that agree rather than checked. PyTorch runs on `--torch-device`
+(default: cuda when there is one), JAX on its default backend. The `mfu` column (model FLOPs
+utilisation) divides the JAX side's GFLOP/s by the accelerator's datasheet dense bf16 peak
+(`NOMINAL_BF16_TFLOPS`, or `--peak-tflops`); on CPU there is none, and `of peak` is against the
+matmul peak measured during the run.
+
 Output: an aligned table on stdout (progress on stderr); with --out a JSON list whose first
-element is {"header": {machine, versions, date, measured peaks}} and then one object per
-workload: {workload, size, jax_s, torch_s, ratio, items_per_s_jax, items_per_s_torch, gflops,
-gflops_per_s, peak_fraction, max_abs_diff, isolation, peak_rss_gib: {jax, torch, both}} (plus
-"error" for a workload that failed). `peak_rss_gib`: each side's process peak, and the peak of
-their sum sampled ten times a second.
+element is {"header": {machine, devices, dtype, versions, date, measured peaks}} and then one
+object per workload: {workload, size, jax_s, torch_s, ratio, items_per_s_jax, items_per_s_torch,
+gflops, gflops_per_s, peak_fraction, mfu, max_abs_diff, max_rel_diff, token_agreement, isolation,
+peak_rss_gib: {jax, torch, both}} (plus "error" for a workload that failed). The diffs are over
+floating outputs, `token_agreement` over generated tokens, each only where there are such
+outputs; `mfu` only where the peak is known. `peak_rss_gib`: each side's process peak, and the
+peak of their sum sampled ten times a second.
 Exit status 1 when any workload failed.
 """
 
@@ -51,6 +65,9 @@ import threading
 import time
 from typing import Any, Callable
 
+# Both sides may share one accelerator: JAX would otherwise take 75% of its memory when it starts.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +78,7 @@ from flax import nnx
 
 from blip_jax import generate, objectives
 from blip_jax.convert import load_torch
+from blip_jax.convert.readers import to_numpy
 from blip_jax.models import blip as blip_models
 from blip_jax.train import state as train_state
 from blip_jax.train import tasks as train_tasks
@@ -69,12 +87,55 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import torch_refs  # noqa: E402  (the tests' PyTorch reference helpers)
 
 TOL = 1e-4  # fp32 on both sides; the tests hold 1e-5 on tiny models, full-size sums drift a little more
+# bf16 on both sides: max |jax - torch| over the reference's largest |value|, per output. bf16 keeps
+# 8 bits of mantissa (0.4% per rounding); a dozen layers of differently ordered sums stay within 5%.
+BF16_TOL = 5e-2
+# Datasheet dense bf16 TFLOP/s by `jax.devices()[0].device_kind` (first match), for MFU.
+NOMINAL_BF16_TFLOPS = (('H100 PCIe', 756.0), ('H100', 989.4), ('H200', 989.4), ('A100', 312.0))
 CORES = len(os.sched_getaffinity(0))
 CLS, SEP, DEC, ENC = 101, 102, 30522, 30523  # bert-base-uncased + BLIP's [DEC] / [ENC]
 
 
 def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Settings:
+  """What both sides compute in and where PyTorch runs, set by `configure` in each process before
+  a workload is built."""
+  dtype: str = 'float32'  # or 'bfloat16'
+  torch_device: torch.device = torch.device('cpu')
+
+
+RUN = Settings()
+
+
+def configure(dtype: str, torch_device: str) -> None:
+  RUN.dtype, RUN.torch_device = dtype, torch.device(torch_device)
+
+
+def compute_dtype(*towers: str, **extra: dict) -> dict:
+  """`load_torch` config overrides that make each named tower compute in `RUN.dtype` (`extra`:
+  more fields for a tower)."""
+  return {t: {**extra.get(t, {}), 'dtype': RUN.dtype} for t in (*towers, *extra)}
+
+
+def torch_autocast():
+  """PyTorch's mixed precision, the counterpart of a blip_jax model with `dtype='bfloat16'`."""
+  if RUN.dtype == 'float32':
+    return contextlib.nullcontext()
+  return torch.autocast(RUN.torch_device.type, dtype=getattr(torch, RUN.dtype))
+
+
+def torch_sync() -> None:
+  """Waits for PyTorch's queued GPU work (JAX's side waits with `block_until_ready`)."""
+  if RUN.torch_device.type == 'cuda':
+    torch.cuda.synchronize(RUN.torch_device)
+
+
+def torch_ids(ids: np.ndarray) -> torch.Tensor:
+  return torch.from_numpy(ids).long().to(RUN.torch_device)
 
 
 # ------------------------------------------------------------------------------------ harness
@@ -101,22 +162,48 @@ class Workload:
 
 
 def as_numpy(tree) -> list[np.ndarray]:
-  """The leaves of a JAX or PyTorch output as numpy arrays (picklable: they cross processes)."""
-  return [np.asarray(x.detach().numpy() if torch.is_tensor(x) else x)
-          for x in jax.tree.leaves(tree, is_leaf=torch.is_tensor)]
+  """The leaves of a JAX or PyTorch output as numpy arrays on the host (picklable: they cross
+  processes)."""
+  return [to_numpy(x) for x in jax.tree.leaves(tree, is_leaf=torch.is_tensor)]
 
 
-def max_abs_diff(jax_out, torch_out) -> float:
+def differences(jax_out, torch_out) -> dict:
+  """How far apart the two sides' outputs are. Over floating outputs: `max_abs_diff`, and
+  `max_rel_diff`, the largest of max |jax - torch| / max |torch| per output. Over integer outputs
+  (generated tokens): `token_agreement`, the fraction of equal values. A key is absent when no
+  output is of its kind."""
   ours, theirs = as_numpy(jax_out), as_numpy(torch_out)
   if len(ours) != len(theirs):
     raise ValueError(f'{len(ours)} JAX outputs against {len(theirs)} PyTorch outputs')
-  worst = 0.0
+  result, same, total = {}, 0, 0
   for a, b in zip(ours, theirs):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
       raise ValueError(f'output shapes differ: JAX {a.shape}, PyTorch {b.shape}')
-    worst = max(worst, float(np.abs(a - b).max()))
-  return worst
+    if b.dtype.kind in 'iub':
+      same, total = same + int((a == b).sum()), total + a.size
+      continue
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = float(np.abs(a - b).max(initial=0.0))
+    relative = diff / max(float(np.abs(b).max(initial=0.0)), 1e-30)
+    result['max_abs_diff'] = max(result.get('max_abs_diff', 0.0), diff)
+    result['max_rel_diff'] = max(result.get('max_rel_diff', 0.0), relative)
+  if total:
+    result['token_agreement'] = same / total
+  return result
+
+
+def mismatch(diff: dict) -> str | None:
+  """Why the two sides' outputs do not count as the same computation; None when they do. In fp32
+  floating outputs agree to `TOL` and tokens exactly; in bf16 floating outputs agree to `BF16_TOL`
+  relative, and tokens are reported, not checked (bf16 logits may rank a near-tie the other way)."""
+  if RUN.dtype == 'float32':
+    if not diff.get('max_abs_diff', 0.0) <= TOL:
+      return f'outputs differ: max abs diff {diff["max_abs_diff"]:.3g} > {TOL}'
+    if diff.get('token_agreement', 1.0) < 1.0:
+      return f'generated tokens differ: {diff["token_agreement"]:.1%} agree'
+  elif not diff.get('max_rel_diff', 0.0) <= BF16_TOL:
+    return f'outputs differ: max relative diff {diff["max_rel_diff"]:.3g} > {BF16_TOL} ({RUN.dtype})'
+  return None
 
 
 def timed_alternately(fns: dict[str, Callable[[], Any]], repeats: int, *,
@@ -141,18 +228,24 @@ def cost_flops(compiled) -> float:
   return float(sum(c.get('flops', 0.0) for c in cost or []))
 
 
-def measure_peaks(peaks: dict[str, float], n: int = 2048, tries: int = 3) -> dict[str, float]:
-  """Best GFLOP/s of an n x n float32 matmul in JAX and in PyTorch, kept in `peaks` as the best
-  seen so far: called before every workload, so that a moment of load from other processes does
-  not set the machine's peak (and the fractions of it) for the whole run."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def measure_peaks(peaks: dict[str, float], tries: int = 3) -> dict[str, float]:
+  """Best GFLOP/s of an n x n matmul in `RUN.dtype` in JAX and in PyTorch, kept in `peaks` as the
+  best seen so far: called before every workload, so that a moment of load from other processes
+  does not set the machine's peak (and the fractions of it) for the whole run. n = 2048 on CPU;
+  an accelerator needs 8192 to reach its peak."""
+  n = 2048 if jax.default_backend() == 'cpu' else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(RUN.dtype))
   jax_mm = jax.jit(jnp.matmul)
-  t = torch.randn(n, n)
+  t = torch.randn(n, n, dtype=getattr(torch, RUN.dtype), device=RUN.torch_device)
+
+  def torch_mm():
+    torch.mm(t, t)
+    torch_sync()
+
   jax_mm(a, a).block_until_ready()
   with torch.inference_mode():
-    torch.mm(t, t)
-    times = timed_alternately({'jax': lambda: jax_mm(a, a).block_until_ready(), 'torch': lambda: torch.mm(t, t)},
-                              tries)
+    torch_mm()
+    times = timed_alternately({'jax': lambda: jax_mm(a, a).block_until_ready(), 'torch': torch_mm}, tries)
   for name, ts in times.items():
     peaks[name] = max(peaks.get(name, 0.0), 2 * n ** 3 / min(ts) / 1e9)
   return peaks
@@ -162,7 +255,8 @@ def jax_runner(w: Workload):
   """The workload's JAX call, compiled ahead of time (that gives the cost analysis and keeps
   compilation out of every timing), and its FLOPs per call. Returns (run_jax, flops)."""
   compiled = w.jax_fn.lower(*w.jax_args).compile()
-  args = [w.jax_args]
+  # Inputs on the device once, as the PyTorch side's are: not copied from the host every call.
+  args = [jax.tree.map(lambda x: jax.device_put(x) if isinstance(x, np.ndarray) else x, w.jax_args)]
 
   def run_jax():
     out = jax.block_until_ready(compiled(*args[0]))
@@ -175,8 +269,10 @@ def jax_runner(w: Workload):
 
 def torch_runner(w: Workload):
   def run_torch():
-    with contextlib.nullcontext() if w.grad else torch.inference_mode():
-      return w.torch_fn()
+    with contextlib.nullcontext() if w.grad else torch.inference_mode(), torch_autocast():
+      out = w.torch_fn()
+    torch_sync()
+    return out
 
   return run_torch
 
@@ -187,10 +283,10 @@ def runners(w: Workload):
   return run_jax, torch_runner(w), flops
 
 
-def first_diff(w: Workload, run_jax, run_torch) -> float:
-  """Max abs difference of the two sides' outputs on their first calls, which also warm them up
+def first_diff(w: Workload, run_jax, run_torch) -> dict:
+  """`differences` of the two sides' outputs on their first calls, which also warm them up
   (allocations, PyTorch's one-off work)."""
-  return max_abs_diff((w.jax_result or as_numpy)(run_jax()), (w.torch_result or as_numpy)(run_torch()))
+  return differences((w.jax_result or as_numpy)(run_jax()), (w.torch_result or as_numpy)(run_torch()))
 
 
 # ------------------------------------------------------------------------------- processes
@@ -212,10 +308,16 @@ def _release_memory():
     ctypes.CDLL('libc.so.6').malloc_trim(0)
 
 
-def _side_main(conn, name: str, scale: str, side: str, torch_threads: int):
+def _side_main(conn, name: str, scale: str, side: str, torch_threads: int, dtype: str, torch_device: str):
   """A side's process: builds the workload, keeps its own half, answers the parent's commands
-  ('first': the compared output; 'time': seconds of one call; 'stop')."""
+  ('first': the compared output; 'time': seconds of one call; 'stop'). Each side keeps the other
+  framework on the CPU: it only builds the model there (the weights both sides start from)."""
   torch.set_num_threads(torch_threads)
+  if side == 'jax':
+    configure(dtype, 'cpu')
+  else:
+    configure(dtype, torch_device)
+    jax.config.update('jax_platforms', 'cpu')
   try:
     w = WORKLOADS[name](scale)
     if side == 'jax':
@@ -257,7 +359,8 @@ class Side:
     ctx = multiprocessing.get_context('spawn')  # a fresh interpreter: no state shared with the parent
     self.side = side
     self.conn, child = ctx.Pipe()
-    self.process = ctx.Process(target=_side_main, args=(child, name, scale, side, torch_threads), daemon=True)
+    self.process = ctx.Process(target=_side_main, daemon=True,
+                               args=(child, name, scale, side, torch_threads, RUN.dtype, str(RUN.torch_device)))
     self.process.start()
     child.close()
     self.info = self._reply()
@@ -338,12 +441,14 @@ def run_workload(name: str, scale: str, repeats: int, peaks: dict[str, float], *
       jax_times = [jax_side.call('time') for _ in range(repeats)]
       stop(jax_side)
     torch_side = start('torch')
-    diff = row['max_abs_diff'] = max_abs_diff(jax_out, torch_side.call('first'))
+    row.update(differences(jax_out, torch_side.call('first')))
     del jax_out
-    log(f'[{name}] max abs diff JAX vs PyTorch: {diff:.3g}')
-    if not diff <= TOL:
-      row['error'] = f'outputs differ: max abs diff {diff:.3g} > {TOL}'
-      log(f'[{name}] NOT TIMED: {row["error"]}')
+    log(f'[{name}] JAX vs PyTorch: ' + ', '.join(f'{key} {row[key]:.3g}' for key in
+                                                  ('max_abs_diff', 'max_rel_diff', 'token_agreement') if key in row))
+    error = mismatch(row)
+    if error:
+      row['error'] = error
+      log(f'[{name}] NOT TIMED: {error}')
       return row
     measure_peaks(peaks)
     if isolation == 'sequential':
@@ -401,9 +506,10 @@ def split_jit(model: nnx.Module, fn: Callable):
 
 
 def image_batch(batch: int, size: int, seed: int = 1):
-  """Normalised-looking random images: torch NCHW and the same pixels as numpy NHWC."""
+  """Normalised-looking random images: torch NCHW (on PyTorch's device) and the same pixels as
+  numpy NHWC."""
   x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-  return x, x.permute(0, 2, 3, 1).numpy()
+  return x.to(RUN.torch_device), x.permute(0, 2, 3, 1).numpy()
 
 
 def token_batch(batch: int, length: int, *, first: int, end: int, vocab: tuple[int, int], seed: int = 2):
@@ -432,8 +538,8 @@ def blip_hf(cls, scale: str, image_size: int):
   hf.tie_weights()
   task = {transformers.BlipForImageTextRetrieval: 'retrieval',
           transformers.BlipForConditionalGeneration: 'caption'}[cls]
-  model, _, _ = load_torch(hf.state_dict(), task=task)
-  return hf, model, layers
+  model, _, _ = load_torch(hf.state_dict(), task=task, **compute_dtype('vision', 'text'))
+  return hf.to(RUN.torch_device), model, layers
 
 
 def blip_texts(batch: int):
@@ -464,7 +570,7 @@ def blip_text_itm(scale: str) -> Workload:
   def ours(m, image_states, ids, mask):
     return m.text_features(m.text_embeds(ids, mask)), m.itm_logits(image_states, ids, mask)
 
-  t_ids, t_mask, t_states = torch.from_numpy(ids).long(), torch.from_numpy(mask).long(), torch.from_numpy(image_states)
+  t_ids, t_mask, t_states = torch_ids(ids), torch_ids(mask), torch.from_numpy(image_states).to(RUN.torch_device)
   enc_ids = t_ids.clone()
   enc_ids[:, 0] = ENC  # the HF class leaves the multimodal encoder's first token to the caller
 
@@ -499,7 +605,7 @@ class TorchRetrievalStep:
 
   def __init__(self, hf, lr: float, weight_decay: float):
     self.hf = hf
-    self.temp = torch.nn.Parameter(torch.tensor(0.07))
+    self.temp = torch.nn.Parameter(torch.tensor(0.07, device=RUN.torch_device))
     self.opt = torch.optim.AdamW([*hf.parameters(), self.temp], lr=lr, weight_decay=weight_decay)
 
   def __call__(self, images, ids, mask, neg_image, neg_text):
@@ -509,7 +615,7 @@ class TorchRetrievalStep:
     text = hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
     text_feat = torch.nn.functional.normalize(hf.text_proj(text[:, 0]), dim=-1)
     logits = image_feat @ text_feat.T / self.temp.clamp(0.001, 0.5)
-    targets = torch.arange(b)
+    targets = torch.arange(b, device=ids.device)
     itc = (torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.T, targets)) / 2
     enc_ids = ids.clone()
     enc_ids[:, 0] = ENC
@@ -517,7 +623,7 @@ class TorchRetrievalStep:
                             attention_mask=torch.cat([mask, mask, mask[neg_text]]),
                             encoder_hidden_states=torch.cat([image_embeds, image_embeds[neg_image], image_embeds]),
                             ).last_hidden_state
-    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)])
+    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(ids.device)
     itm = torch.nn.functional.cross_entropy(hf.itm_head(joint[:, 0]), labels)
     loss = itc + itm
     self.opt.zero_grad(set_to_none=True)
@@ -550,8 +656,7 @@ def blip_train(scale: str) -> Workload:
   state = trainer.with_model(trainer.init(), model)
   data = {'image': x_nhwc, 'text_ids': ids, 'text_mask': mask, 'neg_image': neg_image, 'neg_text': neg_text}
   step = TorchRetrievalStep(hf, lr, weight_decay)
-  t_args = (x, torch.from_numpy(ids).long(), torch.from_numpy(mask).long(), torch.from_numpy(neg_image).long(),
-            torch.from_numpy(neg_text).long())
+  t_args = (x, *map(torch_ids, (ids, mask, neg_image, neg_text)))
 
   def params(model):
     """Every parameter but `temp` (HF has none), in the order of the model's tree."""
@@ -612,7 +717,8 @@ def blip_caption(scale: str) -> Workload:
   max_length = prompt.shape[1] + new
   search = functools.partial(generate.beam_search, num_beams=beams, max_length=max_length, min_length=max_length,
                              eos_token_id=SEP, pad_token_id=0)
-  hf_ids = torch.tensor([[CLS, *words, SEP]] * batch)  # HF swaps in [DEC] and drops the last token
+  # HF swaps in [DEC] and drops the last token
+  hf_ids = torch.tensor([[CLS, *words, SEP]] * batch, device=RUN.torch_device)
 
   def theirs():
     return hf.generate(pixel_values=x, input_ids=hf_ids, num_beams=beams, do_sample=False, max_length=max_length,
@@ -640,8 +746,10 @@ def blip2_hf(cls, scale: str, **config):
       width = layer.self_attn.qkv.bias.shape[0] // 3
       layer.self_attn.qkv.bias[width:2 * width] = 0
   hf.tie_weights()
-  model, _, _ = load_torch(hf.state_dict(), task='blip2', vision={'ln_eps': 1e-6}, ln_vision_eps=1e-6)
-  return hf, model, layers
+  towers = ('qformer', 'opt') if cls is transformers.Blip2ForConditionalGeneration else ('qformer',)
+  model, _, _ = load_torch(hf.state_dict(), task='blip2', ln_vision_eps=1e-6,
+                           **compute_dtype(*towers, vision={'ln_eps': 1e-6}))
+  return hf.to(RUN.torch_device), model, layers
 
 
 def blip2_qformer(scale: str) -> Workload:
@@ -649,7 +757,7 @@ def blip2_qformer(scale: str) -> Workload:
   batch = pick(scale, 32, 4, 2)
   hf, model, layers = blip2_hf(transformers.Blip2ForImageTextRetrieval, scale)
   states = np.random.default_rng(5).standard_normal((batch, 257, 1408)).astype(np.float32)
-  t_states = torch.from_numpy(states)
+  t_states = torch.from_numpy(states).to(RUN.torch_device)
 
   def theirs():
     queries = hf.qformer(query_embeds=hf.query_tokens.expand(batch, -1, -1), encoder_hidden_states=t_states)
@@ -675,7 +783,7 @@ def blip2_opt(scale: str) -> Workload:
   max_length = 1 + new
   search = functools.partial(generate.greedy, max_length=max_length, min_length=max_length, eos_token_id=bos,
                              pad_token_id=pad)
-  hf_ids = torch.tensor([[image_token] * queries + [bos]] * batch)
+  hf_ids = torch.tensor([[image_token] * queries + [bos]] * batch, device=RUN.torch_device)
 
   def theirs():  # HF counts the query placeholders in the lengths
     return hf.generate(pixel_values=x, input_ids=hf_ids, num_beams=1, do_sample=False,
@@ -704,10 +812,12 @@ def clip(scale: str) -> Workload:
     open_clip.add_model_config(folder)
   torch.manual_seed(0)
   ref = randomized(open_clip.create_model(name, pretrained=None))
-  model, _, _ = load_torch(ref.state_dict(), act='gelu')  # open_clip's non-quickgelu configs use GELU
+  # open_clip's non-quickgelu configs use GELU
+  model, _, _ = load_torch(ref.state_dict(), act='gelu', **compute_dtype('vision', 'text'))
+  ref.to(RUN.torch_device)
   x, x_nhwc = image_batch(batch, size)
   ids, _ = token_batch(batch, 77, first=49406, end=49407, vocab=(1, 49406))  # EOT = largest id
-  t_ids = torch.from_numpy(ids).long()
+  t_ids = torch_ids(ids)
   fn, state = split_jit(model, lambda m, images, ids: (m.encode_image(images), m.encode_text(ids)))
   return Workload(f'ViT-B/16 x{layers} + text x{layers}, {size}px, 77 tokens, batch {batch}', batch, fn,
                   (state, x_nhwc, ids), lambda: (ref.encode_image(x), ref.encode_text(t_ids)))
@@ -720,7 +830,16 @@ WORKLOADS = {'blip_vit': blip_vit, 'blip_text_itm': blip_text_itm, 'blip_train':
 # ------------------------------------------------------------------------------------ report
 
 
-def machine_info(scale: str, repeats: int, peaks: dict[str, float]) -> dict:
+def nominal_peak_tflops(given: float | None) -> float | None:
+  """The accelerator's datasheet peak for MFU: `given`, else, in bf16 on a known GPU, its dense
+  bf16 peak; None otherwise (a CPU has no datasheet figure to trust: `of peak` is measured)."""
+  if given or RUN.dtype != 'bfloat16' or jax.default_backend() == 'cpu':
+    return given
+  kind = jax.devices()[0].device_kind
+  return next((tflops for name, tflops in NOMINAL_BF16_TFLOPS if name in kind), None)
+
+
+def machine_info(scale: str, repeats: int, peaks: dict[str, float], nominal_tflops: float | None) -> dict:
   cpu = platform.processor()
   with contextlib.suppress(OSError):
     with open('/proc/cpuinfo') as f:
@@ -730,10 +849,13 @@ def machine_info(scale: str, repeats: int, peaks: dict[str, float]) -> dict:
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
       versions[package] = importlib.metadata.version(package)
   return {'cpu': cpu, 'cores': CORES, 'torch_threads': torch.get_num_threads(), 'jax_backend': jax.default_backend(),
+          'jax_device': jax.devices()[0].device_kind, 'torch_device': str(RUN.torch_device),
           'versions': versions, 'python': platform.python_version(),
           'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-          'scale': scale, 'repeats': repeats, 'tolerance': TOL,
-          'peak_gflops_per_s_jax': peaks['jax'], 'peak_gflops_per_s_torch': peaks['torch']}
+          'scale': scale, 'repeats': repeats, 'dtype': RUN.dtype,
+          'tolerance': TOL if RUN.dtype == 'float32' else {'relative': BF16_TOL},
+          'peak_gflops_per_s_jax': peaks['jax'], 'peak_gflops_per_s_torch': peaks['torch'],
+          'nominal_peak_tflops': nominal_tflops}
 
 
 def table(rows: list[dict]) -> str:
@@ -741,7 +863,8 @@ def table(rows: list[dict]) -> str:
              ('torch_s', 'torch s', '{:.4f}'), ('ratio', 'torch/jax', '{:.2f}'),
              ('items_per_s_jax', 'jax items/s', '{:.2f}'), ('items_per_s_torch', 'torch items/s', '{:.2f}'),
              ('gflops', 'GFLOP', '{:.1f}'), ('gflops_per_s', 'GFLOP/s', '{:.1f}'),
-             ('peak_fraction', 'of peak', '{:.0%}'), ('max_abs_diff', 'max diff', '{:.1e}'),
+             ('peak_fraction', 'of peak', '{:.0%}'), ('mfu', 'MFU', '{:.0%}'), ('max_abs_diff', 'max diff', '{:.1e}'),
+             ('max_rel_diff', 'max rel diff', '{:.1e}'), ('token_agreement', 'same tokens', '{:.0%}'),
              ('rss', 'peak RSS GiB jax/torch/both', '{}')]
   cells = [[title for _, title, _ in columns]]
   for row in rows:
@@ -773,6 +896,14 @@ def main(argv=None) -> int:
                       help='PyTorch intra-op threads (default: the cores this process may use, as XLA does); '
                            'on a machine busy with other work, OpenMP threads that wait for each other slow '
                            'PyTorch down far more than XLA')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                      help="both sides' compute dtype: bfloat16 is blip_jax's model dtype='bfloat16' (fp32 "
+                           "parameters) against PyTorch under torch.autocast, the way accelerators are used")
+  parser.add_argument('--torch-device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                      help='where PyTorch runs (default: cuda when there is one); JAX uses its default backend')
+  parser.add_argument('--peak-tflops', type=float,
+                      help='datasheet peak TFLOP/s for the MFU column (default: known GPUs\' dense bf16 peak '
+                           'in bf16, none otherwise)')
   args = parser.parse_args(argv)
   names = [n for n in args.workloads.split(',') if n]
   unknown = [n for n in names if n not in WORKLOADS]
@@ -781,7 +912,9 @@ def main(argv=None) -> int:
   scale = 'quick' if args.quick else args.scale
   repeats = args.repeats or (5 if scale == 'full' else 3)
   torch.set_num_threads(args.torch_threads)
-  log(f'{CORES} cores, PyTorch on {args.torch_threads} threads')
+  configure(args.dtype, args.torch_device)
+  log(f'{CORES} cores, PyTorch on {RUN.torch_device} ({args.torch_threads} CPU threads), JAX on '
+      f'{jax.devices()[0].device_kind}, {RUN.dtype}')
   peaks = measure_peaks({})
   rows = []
   for name in names:
@@ -791,13 +924,17 @@ def main(argv=None) -> int:
     except Exception as e:  # one broken workload should not hide the others' numbers
       log(f'[{name}] FAILED: {type(e).__name__}: {e}')
       rows.append({'workload': name, 'error': f'{type(e).__name__}: {e}'})
-  log(f'fp32 matmul peak (best seen): jax {peaks["jax"]:.0f} GFLOP/s, torch {peaks["torch"]:.0f} GFLOP/s')
+  nominal = nominal_peak_tflops(args.peak_tflops)
   for row in rows:
     if 'gflops_per_s' in row:
       row['peak_fraction'] = row['gflops_per_s'] / peaks['jax']
-  header = machine_info(scale, repeats, peaks)
-  print(f'{header["cpu"]}, {CORES} cores, jax {header["versions"].get("jax")}, torch {header["versions"].get("torch")}; '
-        f'fp32 matmul peak (best of the run): jax {peaks["jax"]:.0f} GFLOP/s, torch {peaks["torch"]:.0f} GFLOP/s')
+      if nominal:
+        row['mfu'] = row['gflops_per_s'] / (nominal * 1e3)
+  header = machine_info(scale, repeats, peaks, nominal)
+  print(f'{header["cpu"]}, {CORES} cores, JAX on {header["jax_device"]}, PyTorch on {RUN.torch_device}, '
+        f'jax {header["versions"].get("jax")}, torch {header["versions"].get("torch")}; {RUN.dtype} matmul peak '
+        f'(best of the run): jax {peaks["jax"]:.0f} GFLOP/s, torch {peaks["torch"]:.0f} GFLOP/s'
+        + (f'; MFU against {nominal:.0f} TFLOP/s' if nominal else ''))
   print(table(rows))
   if args.out:
     with open(args.out, 'w') as f:

@@ -2,12 +2,15 @@
 its tiny scale (real widths, 1 layer, tiny images), gives the same outputs in blip_jax and in its
 PyTorch reference on the same random weights, so the timings it reports compare like for like.
 This covers the PyTorch code the benchmark writes itself (the retrieval train step, the direct
-module calls, the `generate` arguments), which no other test runs."""
+module calls, the `generate` arguments), which no other test runs. In bf16 (`--dtype bfloat16`)
+both sides must really compute in bf16 and still agree to bf16 precision."""
 
 import pathlib
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import run  # noqa: E402
@@ -17,4 +20,43 @@ from benchmarks import run  # noqa: E402
 def test_jax_and_torch_outputs_agree(name):
   w = run.WORKLOADS[name]('tiny')
   run_jax, run_torch, _ = run.runners(w)
-  assert run.first_diff(w, run_jax, run_torch) <= run.TOL
+  diff = run.first_diff(w, run_jax, run_torch)
+  assert run.mismatch(diff) is None, diff
+  assert diff.get('token_agreement', 1.0) == 1.0 and diff.get('max_abs_diff', 0.0) <= run.TOL
+
+
+def outputs(name: str, dtype: str):
+  """The tiny workload's first JAX and PyTorch outputs (numpy leaves) with both sides in `dtype`."""
+  run.configure(dtype, 'cpu')
+  try:
+    w = run.WORKLOADS[name]('tiny')
+    run_jax, run_torch, _ = run.runners(w)
+    return (w.jax_result or run.as_numpy)(run_jax()), (w.torch_result or run.as_numpy)(run_torch())
+  finally:
+    run.configure('float32', 'cpu')
+
+
+# The workloads whose outputs are floating (decoding's tokens may part at a bf16 near-tie).
+@pytest.mark.parametrize('name', ['blip_vit', 'blip_text_itm', 'blip_train', 'blip2_qformer', 'clip'])
+def test_bf16_sides_compute_in_bf16_and_agree_to_its_precision(name):
+  jax32, torch32 = outputs(name, 'float32')
+  jax16, torch16 = outputs(name, 'bfloat16')
+  run.configure('bfloat16', 'cpu')
+  try:
+    assert run.mismatch(run.differences(jax16, torch16)) is None
+  finally:
+    run.configure('float32', 'cpu')
+  # Each side's bf16 output is not its fp32 one: bf16 really took effect on both.
+  assert run.differences(jax16, jax32)['max_rel_diff'] > 1e-4  # fp32 differences are ~1e-6
+  assert run.differences(torch16, torch32)['max_rel_diff'] > 1e-4
+
+
+def test_differences_separate_floating_outputs_from_tokens():
+  ours = [np.array([1.0, 2.0], np.float32), np.array([[5, 6, 7]], np.int32)]
+  theirs = [torch.tensor([1.0, 2.5]), torch.tensor([[5, 6, 8]])]
+  diff = run.differences(ours, theirs)
+  assert diff == pytest.approx({'max_abs_diff': 0.5, 'max_rel_diff': 0.2, 'token_agreement': 2 / 3})
+  assert run.mismatch(diff).startswith('outputs differ')  # fp32
+  assert run.mismatch({'token_agreement': 2 / 3}).startswith('generated tokens differ')
+  with pytest.raises(ValueError, match='shapes differ'):
+    run.differences(ours[:1], [torch.zeros(3)])
