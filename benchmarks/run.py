@@ -192,17 +192,18 @@ def differences(jax_out, torch_out) -> dict:
   return result
 
 
-def mismatch(diff: dict) -> str | None:
-  """Why the two sides' outputs do not count as the same computation; None when they do. In fp32
-  floating outputs agree to `TOL` and tokens exactly; in bf16 floating outputs agree to `BF16_TOL`
-  relative, and tokens are reported, not checked (bf16 logits may rank a near-tie the other way)."""
-  if RUN.dtype == 'float32':
+def mismatch(diff: dict, dtype: str) -> str | None:
+  """Why the two sides' outputs (`differences`) do not count as the same computation in `dtype`;
+  None when they do. In fp32 floating outputs agree to `TOL` and tokens exactly; in bf16 floating
+  outputs agree to `BF16_TOL` relative, and tokens are reported, not checked (bf16 logits may rank
+  a near-tie the other way)."""
+  if dtype == 'float32':
     if not diff.get('max_abs_diff', 0.0) <= TOL:
       return f'outputs differ: max abs diff {diff["max_abs_diff"]:.3g} > {TOL}'
     if diff.get('token_agreement', 1.0) < 1.0:
       return f'generated tokens differ: {diff["token_agreement"]:.1%} agree'
   elif not diff.get('max_rel_diff', 0.0) <= BF16_TOL:
-    return f'outputs differ: max relative diff {diff["max_rel_diff"]:.3g} > {BF16_TOL} ({RUN.dtype})'
+    return f'outputs differ: max relative diff {diff["max_rel_diff"]:.3g} > {BF16_TOL} ({dtype})'
   return None
 
 
@@ -277,16 +278,11 @@ def torch_runner(w: Workload):
   return run_torch
 
 
-def runners(w: Workload):
-  """Both sides' calls in this process (the tests use it). Returns (run_jax, run_torch, flops)."""
-  run_jax, flops = jax_runner(w)
-  return run_jax, torch_runner(w), flops
-
-
-def first_diff(w: Workload, run_jax, run_torch) -> dict:
-  """`differences` of the two sides' outputs on their first calls, which also warm them up
-  (allocations, PyTorch's one-off work)."""
-  return differences((w.jax_result or as_numpy)(run_jax()), (w.torch_result or as_numpy)(run_torch()))
+def first_outputs(w: Workload):
+  """Both sides' compared outputs of their first calls, run in this process (the tests use it).
+  Returns (jax_out, torch_out) as lists of numpy arrays."""
+  run_jax, _ = jax_runner(w)
+  return (w.jax_result or as_numpy)(run_jax()), (w.torch_result or as_numpy)(torch_runner(w)())
 
 
 # ------------------------------------------------------------------------------- processes
@@ -445,7 +441,7 @@ def run_workload(name: str, scale: str, repeats: int, peaks: dict[str, float], *
     del jax_out
     log(f'[{name}] JAX vs PyTorch: ' + ', '.join(f'{key} {row[key]:.3g}' for key in
                                                   ('max_abs_diff', 'max_rel_diff', 'token_agreement') if key in row))
-    error = mismatch(row)
+    error = mismatch(row, RUN.dtype)
     if error:
       row['error'] = error
       log(f'[{name}] NOT TIMED: {error}')
