@@ -149,7 +149,7 @@ class Workload:
   items: int  # images / texts / captions / pairs per call, for items/s
   jax_fn: Any  # a `jax.jit`-wrapped function, called as jax_fn(*jax_args)
   jax_args: tuple
-  torch_fn: Callable[[], Any]  # no arguments; runs under torch.inference_mode() unless `grad`
+  torch_fn: Callable[[], Any]  # no arguments; under torch.inference_mode() unless `grad`, autocast in bf16
   # Each side's output as compared (leaves in order), computed in that side's process; by default
   # the output itself.
   jax_result: Callable[[Any], Any] | None = None
