@@ -2,7 +2,7 @@
 
 import sys
 
-from blip_jax.convert.cli import main
+from blip_jax.convert_cli import main
 
 if __name__ == '__main__':
   sys.exit(main())

@@ -1,7 +1,8 @@
-"""Converted-model directories: `config.json` + an orbax checkpoint of the weights.
+"""Converted-model directories: `config.json` + an orbax checkpoint of the weights + the
+tokenizer's files.
 
-    model, config = blip_jax.load('converted/blip_caption_base')   # a directory written here
-    model, config = blip_jax.load('model_base_caption.pth', task='caption')  # converts in memory
+    model_io.save('converted/blip_caption_base', model, config, task='caption', tokenizer=tok)
+    model, config = model_io.load('converted/blip_caption_base')
 
 A directory holds `config.json` (format, family, task, model config, weight dtype, provenance:
 source files and their sha256, layout, skipped / missing / resized keys) and `weights/`, an
@@ -16,77 +17,19 @@ import hashlib
 import json
 import os
 import shutil
-import typing
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from blip_jax.convert.tree import build_abstract, named_variables
-from blip_jax.models import blip, blip2, clip, opt
+from blip_jax import distributed, registry
+from blip_jax.models.variables import build_abstract, unique_weights
 
-FORMAT = 'blip_jax/1'
+# 2: tasks named by the family's model classes (BLIP-2 stage1 / stage2, CLIP contrastive, OPT lm).
+FORMAT = 'blip_jax/2'
 CONFIG_FILE = 'config.json'
 WEIGHTS_DIR = 'weights'
-
-
-def family_of(config) -> str:
-  if isinstance(config, blip.BlipConfig):
-    return 'blip'
-  if isinstance(config, blip2.Blip2Config):
-    return 'blip2'
-  if isinstance(config, opt.OPTConfig):
-    return 'opt'
-  if isinstance(config, clip.ChineseCLIPConfig):
-    return 'chinese_clip'
-  if isinstance(config, clip.CLIPConfig):
-    return 'clip'
-  raise TypeError(f'unknown model config type {type(config).__name__}')
-
-
-CONFIG_CLASSES = {'blip': blip.BlipConfig, 'blip2': blip2.Blip2Config, 'opt': opt.OPTConfig,
-                  'clip': clip.CLIPConfig,
-                  'chinese_clip': clip.ChineseCLIPConfig}
-
-
-def config_from_dict(cls, values: dict[str, Any]):
-  """Rebuild a (nested) config dataclass from `dataclasses.asdict` output."""
-  hints = typing.get_type_hints(cls)
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = set(values) - names
-  if unknown:
-    raise ValueError(f'unknown {cls.__name__} fields in {CONFIG_FILE}: {sorted(unknown)}')
-  kwargs = {}
-  for name, value in values.items():
-    if isinstance(value, dict):  # a nested config, possibly Optional
-      nested = [t for t in (hints[name], *typing.get_args(hints[name])) if dataclasses.is_dataclass(t)]
-      if nested:
-        value = config_from_dict(nested[0], value)
-    kwargs[name] = value
-  return cls(**kwargs)
-
-
-def build(family: str, task: str, config, *, seed: int = 0) -> nnx.Module:
-  if family == 'blip':
-    return blip.build(task, config, seed=seed)
-  if family == 'blip2':
-    return blip2.build(config, seed=seed)
-  if family == 'opt':
-    return opt.build(config, seed=seed)
-  return clip.build(config, seed=seed)
-
-
-def unique_weights(model: nnx.Module) -> dict[str, nnx.Variable]:
-  """{dotted path: Variable} of the model's weights, a shared Variable under its first path in
-  sorted order (the order of a split / merged or abstract model too, so the names of tied
-  weights do not depend on how the model was made)."""
-  out, seen = {}, set()
-  for path, var in sorted(named_variables(model), key=lambda item: item[0]):
-    if id(var) not in seen:
-      seen.add(id(var))
-      out[path] = var
-  return out
 
 
 def sha256(path: str, chunk: int = 1 << 24) -> str:
@@ -98,6 +41,7 @@ def sha256(path: str, chunk: int = 1 << 24) -> str:
 
 
 def is_model_dir(path) -> bool:
+  """Whether `path` is a directory written by `save` (of this format or an older one)."""
   if not isinstance(path, (str, os.PathLike)):
     return False
   config = os.path.join(os.fspath(path), CONFIG_FILE)
@@ -105,67 +49,76 @@ def is_model_dir(path) -> bool:
     return False
   with open(config) as f:
     try:
-      return json.load(f).get('format') == FORMAT
-    except json.JSONDecodeError:
+      return str(json.load(f).get('format', '')).startswith('blip_jax/')
+    except (json.JSONDecodeError, AttributeError):
       return False
 
 
 def save(out_dir, model: nnx.Module, config, *, task: str, dtype: str = 'float32',
-         provenance: dict[str, Any] | None = None) -> None:
-  """Write `model`'s weights (cast to `dtype`) and its config to `out_dir` (replaced)."""
+         provenance: dict[str, Any] | None = None, tokenizer=None, tokenizer_source: str = '') -> None:
+  """Write `model`'s weights (cast to `dtype`), its config and its tokenizer's files to `out_dir`
+  (replaced). Without a tokenizer, `tokenizer_source` may name where one is found (a Hub id such
+  as 'bert-base-uncased'), so that loading needs no extra argument."""
   import orbax.checkpoint as ocp
+  family = registry.family_of(config)
+  if task not in family.tasks:
+    raise ValueError(f'task {task!r} is not one of the {family.name} tasks {sorted(family.tasks)}')
   out_dir = os.path.abspath(os.fspath(out_dir))
   weights = {path: jnp.asarray(var.get_value()).astype(dtype) if jnp.issubdtype(var.dtype, jnp.floating)
              else jnp.asarray(var.get_value()) for path, var in unique_weights(model).items()}
   # With several processes (a multi-host run) every one writes its shards of the weights; the
   # first alone clears the directory and writes the config.
-  primary = jax.process_index() == 0
+  primary = distributed.is_primary()
   if primary:
     if os.path.exists(out_dir):
       shutil.rmtree(out_dir)
     os.makedirs(out_dir)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f'model_io.save: {out_dir} cleared')
+  distributed.barrier(f'model_io.save: {out_dir} cleared')
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(out_dir, WEIGHTS_DIR), weights)
   checkpointer.wait_until_finished()
   if primary:
-    meta = {'format': FORMAT, 'family': family_of(config), 'task': task, 'dtype': dtype,
-            'config': dataclasses.asdict(config), 'provenance': provenance or {}}
+    meta = {'format': FORMAT, 'family': family.name, 'task': task, 'dtype': dtype,
+            'config': dataclasses.asdict(config), 'tokenizer': '' if tokenizer else tokenizer_source,
+            'provenance': provenance or {}}
+    if tokenizer is not None:
+      tokenizer.save(out_dir)
     with open(os.path.join(out_dir, CONFIG_FILE), 'w') as f:
       json.dump(meta, f, indent=2)
 
 
 def read_config(model_dir) -> dict[str, Any]:
-  with open(os.path.join(os.fspath(model_dir), CONFIG_FILE)) as f:
-    return json.load(f)
+  """The directory's config.json; one written by an older blip_jax is an error saying what to do."""
+  path = os.path.join(os.fspath(model_dir), CONFIG_FILE)
+  with open(path) as f:
+    meta = json.load(f)
+  if meta.get('format') != FORMAT:
+    raise ValueError(f'{path}: format {meta.get("format")!r}, this blip_jax reads {FORMAT!r}; convert the '
+                     'checkpoint again (convert_torch_weights.py) or retrain')
+  return meta
 
 
-def load(source, *, seed: int = 0, **convert_kwargs):
-  """Load a converted directory, or convert a PyTorch checkpoint in memory.
+def model_config(model_dir):
+  """(family, task, model config) of a converted directory, without loading weights."""
+  meta = read_config(model_dir)
+  family = registry.get(meta['family'])
+  config = registry.config_from_dict(family.config_cls, meta['config'], where=f'{model_dir}/{CONFIG_FILE}')
+  return family, meta['task'], config
 
-  Returns (model, config). `convert_kwargs` go to `blip_jax.convert.load_torch` when `source`
-  is not a converted directory (task, image_size, act, vision={...}, ...).
-  """
-  if not is_model_dir(source):
-    from blip_jax.convert import load_torch
-    model, config, _ = load_torch(source, seed=seed, **convert_kwargs)
-    return model, config
-  if convert_kwargs:
-    raise ValueError(f'{source} is already converted; options {sorted(convert_kwargs)} apply to '
-                     'PyTorch checkpoints only')
+
+def load(model_dir, *, seed: int = 0, dtype: str = 'float32'):
+  """(model, config) of a converted directory; `dtype` is the dtype the floating weights are held
+  in ('bfloat16': half the memory, read straight into bf16). PyTorch checkpoints: `blip_jax.load`."""
   import orbax.checkpoint as ocp
-  meta = read_config(source)
-  family = meta['family']
-  config = config_from_dict(CONFIG_CLASSES[family], meta['config'])
-  model = build_abstract(lambda: build(family, meta['task'], config, seed=seed))
+  family, task, config = model_config(model_dir)
+  model = build_abstract(lambda: family.build(task, config, seed=seed))
   variables = unique_weights(model)
   # Onto this process's first device, whatever devices the weights were saved from (a model
   # trained on many devices or hosts loads on one CPU).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = {path: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=device) for path, var in variables.items()}
-  weights_dir = os.path.join(os.path.abspath(os.fspath(source)), WEIGHTS_DIR)
+  held = lambda d: jnp.dtype(dtype) if jnp.issubdtype(d, jnp.floating) else d
+  target = {path: jax.ShapeDtypeStruct(var.shape, held(var.dtype), sharding=device) for path, var in variables.items()}
+  weights_dir = os.path.join(os.path.abspath(os.fspath(model_dir)), WEIGHTS_DIR)
   try:
     restored = ocp.StandardCheckpointer().restore(weights_dir, target)
   except Exception as e:  # noqa: BLE001 - orbax reports mismatches in many ways
@@ -173,6 +126,23 @@ def load(source, *, seed: int = 0, **convert_kwargs):
   for path, var in variables.items():
     var.set_value(restored.pop(path))
   return model, config
+
+
+def load_tokenizer(model_dir):
+  """The tokenizer of a model directory: its own files, else the source its config.json names
+  (a Hub id, resolved through the HF cache), checked against the model's token ids."""
+  from blip_jax.data import tokenizer as tokenizers
+  family, _, config = model_config(model_dir)
+  tok = tokenizers.from_folder(model_dir, family.tokenizer)
+  source = read_config(model_dir).get('tokenizer', '')
+  if tok is None and source:
+    from blip_jax.inference import hub
+    tok = tokenizers.from_folder(hub.resolve(source, allow_patterns=hub.TOKENIZER_FILES), family.tokenizer)
+  if tok is None:
+    raise ValueError(f'{model_dir} holds no tokenizer (vocab.txt or tokenizer/): convert it again with --tokenizer '
+                     '(a bert-base-uncased folder for BLIP, the HF model folder for CLIP / OPT), or pass one')
+  registry.check_tokenizer(config, tok, where=str(model_dir))
+  return tok
 
 
 def provenance(ckpt, report) -> dict[str, Any]:
@@ -188,4 +158,4 @@ def provenance(ckpt, report) -> dict[str, Any]:
   }
 
 
-__all__ = ['load', 'save', 'is_model_dir', 'read_config', 'FORMAT']
+__all__ = ['load', 'save', 'is_model_dir', 'read_config', 'model_config', 'load_tokenizer', 'FORMAT']

@@ -1,432 +1,270 @@
-"""Command-line inference: `python -m blip_jax.predict COMMAND --checkpoint DIR [options] IMAGES...`
+"""Command-line inference over `blip_jax.Predictor`: `blip-jax-predict COMMAND --checkpoint SOURCE
+[options] IMAGES...` (or `python -m blip_jax.predict`).
 
-  caption   captions by beam search (default 3 beams), greedy (--beams 1) or nucleus sampling
-            (--sample), each with a confidence (the geometric mean of its tokens' probabilities)
-  itm       every image against every --text: ITM match probability and ITC cosine
-  retrieve  --index FILE.npz IMAGES...: embed the images and save the index;
-            --index FILE.npz --query TEXT (or --image-query IMAGE): the --top best images
-  vqa       answers to --question by generation (beam 3, at most 10 tokens), or, with
-            --answers FILE (one answer per line), the best-ranked answer of the list
-  classify  zero-shot over --classes a,b,c with prompt --template(s): BLIP / BLIP-2 ITC or CLIP
+  caption   captions (beam search by default, --beams 1 greedy, --sample nucleus), with a confidence
+  itm       every image against every --text: ITM match probability and ITC similarity
+  vqa       answers to --question (generated, or the best of --answers FILE)
+  classify  zero-shot top classes over --classes a,b,c with prompt --template(s)
+  retrieve  --index DIR IMAGES...: embed the images into the index (appends; skips indexed ones);
+            --index DIR --query TEXT (or --image-query IMAGE): the --top best images (--rerank K:
+            the K best rescored by ITM, as BLIP's evaluation)
 
-IMAGES are image files, folders (their images, sorted) or @list.txt (one path per line). An input
-that is missing or not an image is reported on stderr and skipped; the others are processed.
-Output: an aligned table, or one JSON object per line with --json.
-
-The checkpoint is a converted or trained directory (`blip_jax.load`): BLIP, BLIP-2 (stage 1:
-caption with the Q-Former, itm, retrieve, classify; stage 2 with OPT: caption) or CLIP. Text goes
-through its tokenizer: `vocab.txt` in the directory (train.py puts it there), or --vocab (a
-bert-base-uncased folder or vocab.txt) for BLIP and BLIP-2 stage 1, --tokenizer (an HF tokenizer
-folder) for CLIP and for BLIP-2 with OPT (the OPT tokenizer). Images are batched
-(--batch-size, the last batch padded, so every batch has one shape) and each model function is
-compiled once.
+SOURCE is anything `Predictor.from_pretrained` takes: a converted directory, a PyTorch checkpoint,
+an HF folder or a Hub id. IMAGES are files, folders or @list.txt, read lazily in batches
+(--batch-size), so memory stays flat whatever their number; an input that is missing or not an
+image is reported on stderr and skipped. Rows are written as each batch finishes: a table on
+stdout, or --format jsonl / csv (to --out FILE or stdout); --resume skips the images --out holds.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import collections
+import concurrent.futures
+import csv
+import io
+import itertools
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import tqdm
-from flax import nnx
 
-from blip_jax import features
+from blip_jax import cli
+from blip_jax.cli import InputError
+from blip_jax.inference.images import ImageError, list_images, to_rgb
+from blip_jax.inference.predictor import DEFAULT_TEMPLATES
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-BLIP_TEXT_LENGTH = 35  # the originals' retrieval / ITM / question length
-BLIP2_TEXT_LENGTH = 32  # LAVIS Blip2Qformer.max_txt_len
-DEFAULT_PROMPTS = {'blip': 'a picture of ', 'blip2': ''}  # BLIP's caption prompt; LAVIS BLIP-2 uses none
-DEFAULT_TEMPLATES = ('a picture of a {}.',)
+# ---------------------------------------------------------------------------------- images
 
 
-class InputError(ValueError):
-  """Bad command-line input: printed as one line, exit status 2."""
+def image_batches(inputs, batch_size: int, skip: set[str] = frozenset()) -> Iterator[tuple[list[str], list]]:
+  """(paths, RGB arrays) of the readable images, `batch_size` at a time, decoded one batch ahead
+  on a thread; unreadable inputs are reported on stderr and skipped."""
+  problems: list[str] = []
 
-
-# ---------------------------------------------------------------------------------- inputs
-
-def list_images(inputs: list[str]) -> tuple[list[str], list[str]]:
-  """Expand files, folders and @lists into image paths; returns (paths, problems)."""
-  paths, problems = [], []
-  for item in inputs:
-    if item.startswith('@'):
+  def readable(paths):
+    out = []
+    for path in paths:
       try:
-        with open(item[1:]) as f:
-          listed = [line.strip() for line in f if line.strip()]
-      except OSError as e:
-        problems.append(f'{item[1:]}: cannot read the list ({e.strerror})')
-        continue
-      more, bad = list_images(listed)
-      paths += more
-      problems += bad
-    elif os.path.isdir(item):
-      found = sorted(os.path.join(item, n) for n in os.listdir(item) if n.lower().endswith(IMAGE_EXTENSIONS))
-      if not found:
-        problems.append(f'{item}: folder holds no images ({", ".join(IMAGE_EXTENSIONS)})')
-      paths += found
-    elif os.path.isfile(item):
-      paths.append(item)
+        out.append((path, to_rgb(path)))
+      except ImageError as e:
+        problems.append(str(e))
+    return out
+
+  def report():
+    while problems:
+      print(f'skipped {problems.pop(0)}', file=sys.stderr)
+
+  paths = (p for p in list_images(inputs, problems) if p not in skip)
+  chunks = iter(lambda: list(itertools.islice(paths, batch_size)), [])
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    pending = collections.deque(pool.submit(readable, c) for c in itertools.islice(chunks, 2))
+    while pending:
+      batch = pending.popleft().result()
+      for more in itertools.islice(chunks, 1):
+        pending.append(pool.submit(readable, more))
+      report()
+      if batch:
+        yield [p for p, _ in batch], [a for _, a in batch]
+  report()
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+class Rows:
+  """Rows written as they come: an aligned table (widths from the first batch), JSON lines or CSV.
+
+  With `resume`, the rows `out` already holds are kept where every row of their image is there
+  (`per_image` rows), a torn last line or an incomplete image is dropped, and `done` lists the
+  images not to process again.
+  """
+
+  def __init__(self, out: str | None, fmt: str, *, resume: bool = False, per_image: int = 1):
+    if resume and (not out or fmt == 'table'):
+      raise InputError('--resume needs --out FILE with --format jsonl or csv')
+    self.fmt, self.keys, self.widths = fmt, None, None
+    self.done: set[str] = set()
+    kept = self._read(out, per_image) if resume and os.path.exists(out) else []
+    self.file = open(out, 'w', newline='') if out else sys.stdout  # noqa: SIM115 - open for the run, closed by close()
+    if kept:
+      self.keys = list(kept[0])
+      self._emit(kept, header=True)
+    self.count = 0
+
+  def _read(self, out: str, per_image: int) -> list[dict]:
+    with open(out, newline='') as f:
+      text = f.read()
+    text = text[:text.rfind('\n') + 1]  # a torn last line (a killed write) is dropped
+    if self.fmt == 'jsonl':
+      rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     else:
-      problems.append(f'{item}: no such file or folder')
-  return paths, problems
+      rows = list(csv.DictReader(io.StringIO(text)))
+    counts = collections.Counter(r['image'] for r in rows)
+    kept = [r for r in rows if counts[r['image']] == per_image]
+    self.done = {r['image'] for r in kept}
+    return kept
 
-
-def read_image(path: str) -> np.ndarray:
-  """RGB uint8 [H, W, 3]; raises InputError naming the file."""
-  from PIL import Image, UnidentifiedImageError
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert('RGB'))
-  except (UnidentifiedImageError, OSError, ValueError) as e:
-    raise InputError(f'{path}: not a readable image ({e})') from e
-
-
-class Images:
-  """The readable images of the inputs, preprocessed for the model, in fixed-size batches."""
-
-  def __init__(self, inputs, transform: str, size: int, batch_size: int):
-    from blip_jax.data.transforms import image_function
-    self.transform = image_function(transform, size)
-    self.batch_size = batch_size
-    candidates, self.problems = list_images(inputs)
-    self.paths, self.pixels = [], []
-    for path in candidates:
-      try:
-        self.pixels.append(self.transform(read_image(path), (0, 0)))
-        self.paths.append(path)
-      except InputError as e:
-        self.problems.append(str(e))
-    for problem in self.problems:
-      print(f'skipped {problem}', file=sys.stderr)
-    if not self.paths:
-      raise InputError('no readable images among the inputs')
-
-  def batches(self, desc: str):
-    """(batch [batch_size, S, S, 3], number of real rows) with the last batch padded."""
-    for start in tqdm.trange(0, len(self.paths), self.batch_size, desc=desc, leave=False,
-                             disable=len(self.paths) <= self.batch_size):
-      rows = self.pixels[start:start + self.batch_size]
-      pad = [rows[0]] * (self.batch_size - len(rows))
-      yield np.stack(rows + pad), len(rows)
-
-  def map(self, fn, desc: str):
-    """`fn(batch)` (a pytree of arrays with rows first) over all images, padding dropped."""
-    out = [jax.tree.map(lambda x: np.asarray(x)[:n], fn(batch)) for batch, n in self.batches(desc)]
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *out)
-
-
-# ---------------------------------------------------------------------------------- model
-
-class Predictor:
-  """A loaded checkpoint with its tokenizer; its functions run under jit on the split state."""
-
-  def __init__(self, checkpoint: str, vocab: str | None = None, tokenizer: str | None = None):
-    from blip_jax import model_io
-    if not model_io.is_model_dir(checkpoint):
-      raise InputError(f'--checkpoint {checkpoint}: not a blip_jax model directory (convert it with '
-                       'convert_torch_weights.py, or use a training run\'s model/ folder)')
-    meta = model_io.read_config(checkpoint)
-    self.family, self.task = meta['family'], meta['task']
-    model, self.config = model_io.load(checkpoint)
-    self.graphdef, self.state = nnx.split(model)
-    self.model = model
-    self.image_size = self.config.vision.image_size
-    self.with_opt = getattr(self.config, 'opt', None) is not None  # BLIP-2 stage 2
-    self.transform = 'clip_eval' if self.family in ('clip', 'chinese_clip') else 'blip_eval'
-    self.tokenizer = self._tokenizer(checkpoint, vocab, tokenizer)
-    self._jitted = {}
-
-  def _tokenizer(self, checkpoint, vocab, tokenizer):
-    if self.family not in ('blip', 'blip2', 'clip', 'chinese_clip'):
-      raise InputError(f'{self.family} checkpoints are not served by blip_jax.predict; use the Python API')
-    if tokenizer:  # CLIP: CLIPTokenizer; Chinese-CLIP: BertTokenizer; BLIP-2 stage 2: OPT's GPT-2 BPE
-      import transformers
-      return transformers.AutoTokenizer.from_pretrained(tokenizer)
-    if self.with_opt:
-      raise InputError(f'{checkpoint} is BLIP-2 with OPT: pass --tokenizer (a local OPT tokenizer folder, '
-                       'e.g. facebook/opt-2.7b)')
-    from blip_jax.data.tokenizer import BlipTokenizer
-    vocab = vocab or os.path.join(checkpoint, 'vocab.txt')  # BLIP, and CLIP trained by train.py
-    if not os.path.exists(vocab):
-      raise InputError(f'{checkpoint} has no vocab.txt: pass --vocab (a bert-base-uncased folder or vocab.txt)'
-                       ' or, for CLIP, --tokenizer (a local HF tokenizer folder)')
-    tok = BlipTokenizer(vocab, with_enc=self.family != 'blip2')  # BLIP-2 adds [DEC] only
-    bos = getattr(self.config, 'bos_token_id', None)
-    if self.family in ('blip', 'blip2') and bos is not None and tok.bos_token_id != bos:
-      raise InputError(f'{vocab}: its [DEC] would be token {tok.bos_token_id}, the checkpoint\'s is {bos} '
-                       '(a vocabulary of another size than the model\'s)')
-    return tok
-
-  def encode(self, texts, first_token='cls'):
-    """Token ids and mask [N, L]: BLIP's tokenizer (first-token rules), or the HF tokenizer."""
-    from blip_jax.data.tokenizer import BlipTokenizer
-    if self.family == 'blip2':
-      length = BLIP2_TEXT_LENGTH
+  def _emit(self, rows: list[dict], header: bool) -> None:
+    f = self.file
+    if self.fmt == 'jsonl':
+      f.write(''.join(json.dumps(r) + '\n' for r in rows))
+    elif self.fmt == 'csv':
+      writer = csv.DictWriter(f, self.keys)
+      if header:
+        writer.writeheader()
+      writer.writerows(rows)
     else:
-      length = getattr(self.config.text, 'context_length', BLIP_TEXT_LENGTH)
-    if isinstance(self.tokenizer, BlipTokenizer):
-      return self.tokenizer.encode(texts, length, first_token)
-    enc = self.tokenizer(list(texts), padding='max_length', truncation=True, max_length=length, return_tensors='np')
-    return enc['input_ids'], enc['attention_mask']
+      cells = [[str(r.get(k, '')) for k in self.keys] for r in rows]
+      if self.widths is None:
+        self.widths = [max(len(k), *(len(c[j]) for c in cells)) for j, k in enumerate(self.keys)]
+      lines = ([self.keys] if header else []) + cells
+      f.write(''.join('  '.join(v.ljust(w) for v, w in zip(line, self.widths)).rstrip() + '\n' for line in lines))
+    f.flush()
 
-  def require(self, command: str, *attrs: str):
-    missing = [a for a in attrs if not hasattr(self.model, a)]
-    if missing:
-      raise InputError(f'`{command}` needs a model with {", ".join(missing)}; this checkpoint is a '
-                       f'{self.family} {self.task} model')
+  def write(self, rows: list[dict]) -> None:
+    if not rows:
+      return
+    header = self.keys is None
+    self.keys = self.keys or list(rows[0])
+    self._emit(rows, header)
+    self.count += len(rows)
 
-  def run(self, name: str, fn, *args):
-    """`fn(model, *args)` compiled once per name (and shape)."""
-    if name not in self._jitted:
-      graphdef = self.graphdef
-      self._jitted[name] = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))
-    return self._jitted[name](self.state, *args)
-
-  # --- shared pieces --------------------------------------------------------------------
-
-  def image_features(self, images: Images):
-    """Normalised ITC image features [N, E] (BLIP-2: [N, queries, E])."""
-    return images.map(lambda x: self.run('image_feat', features.image_features, x), 'images')
-
-  def text_features(self, texts) -> np.ndarray:
-    """Normalised ITC text features [N, E]."""
-    ids, mask = self.encode(texts)
-    return np.asarray(self.run('text_feat', features.text_features, ids, mask))
+  def close(self) -> None:
+    if self.file is not sys.stdout:
+      self.file.close()
 
 
 # ---------------------------------------------------------------------------------- commands
 
-@dataclasses.dataclass
-class Captioner:
-  """What captioning needs of a model family: the decoder (in `blip_jax.generate`'s interface)
-  and its conditioning, the start ids, the end / pad ids, the teacher-forced logits of a
-  finished caption (for its confidence) and the text of generated ids."""
-  prompt_ids: np.ndarray  # [1, P]
-  eos_token_id: int
-  pad_token_id: int
-  decoder: Callable  # (model, image_embeds) -> (decoder, encoder_states)
-  logits: Callable  # (model, image_embeds, ids, mask) -> [B, T, V] predicting ids[:, 1:]
-  texts: Callable  # ids [N, L] -> captions without the prompt
+
+def _texts(option: str, values: list[str]) -> list[str]:
+  if not values:
+    raise InputError(f'this command needs at least one {option}')
+  return values
 
 
-def captioner(p: Predictor, prompt: str) -> Captioner:
-  tok = p.tokenizer
-  if p.with_opt:  # BLIP-2 stage 2: BOS + prompt before OPT; LAVIS trains captions to end with '\n'
-    prompt_ids = np.asarray([[tok.bos_token_id, *tok(prompt, add_special_tokens=False)['input_ids']]], np.int32)
-    q = p.config.qformer.num_query_tokens
-    return Captioner(
-        prompt_ids, tok('\n', add_special_tokens=False)['input_ids'][0], tok.pad_token_id,
-        lambda m, embeds: (m.decoder, m.prefix(embeds)),
-        lambda m, embeds, ids, mask: m.logits(embeds, ids, mask)[:, q:],
-        lambda ids: [t.strip() for t in tok.batch_decode(np.asarray(ids)[:, prompt_ids.shape[1]:],
-                                                         skip_special_tokens=True)])
-  texts = lambda ids: [tok.strip_prompt(t, prompt) for t in tok.decode(ids)]
-  if p.family == 'blip2':  # stage 1: the Q-Former's image-grounded text generation
-    return Captioner(np.asarray(tok.decoder_prompt(prompt)), tok.sep_token_id, tok.pad_token_id,
-                     lambda m, embeds: (m.decoder, embeds), lambda m, embeds, ids, mask: m.itg_logits(embeds, ids, mask),
-                     texts)
-  return Captioner(np.asarray(tok.decoder_prompt(prompt)), tok.sep_token_id, tok.pad_token_id,
-                   lambda m, embeds: (m.text_decoder, embeds),
-                   lambda m, embeds, ids, mask: m.text_decoder(ids, mask, embeds), texts)
+def caption_rows(p, paths, images, args) -> list[dict]:
+  texts, conf = p.caption(images, prompt=args.prompt, seed=args.seed, return_confidence=True,
+                          num_beams=args.beams, max_length=args.max_length, min_length=args.min_length,
+                          sample=args.sample, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
+                          repetition_penalty=args.repetition_penalty)
+  return [{'image': path, 'caption': t, 'confidence': round(float(c), 4)} for path, t, c in zip(paths, texts, conf)]
 
 
-def caption(p: Predictor, images: Images, args) -> list[dict]:
-  from blip_jax import generate
-  if p.family not in ('blip', 'blip2') or p.task == 'vqa' or not hasattr(p.model, 'image_embeds'):
-    raise InputError(f'`caption` needs a BLIP captioning / pretrained or a BLIP-2 checkpoint; this one is a '
-                     f'{p.family} {p.task} model')
-  p.require('caption', 'decoder' if p.family == 'blip2' else 'text_decoder')
-  prompt = DEFAULT_PROMPTS[p.family] if args.prompt is None else args.prompt
-  c = captioner(p, prompt)
-  prompt_ids = jnp.asarray(c.prompt_ids)
-  lengths = dict(max_length=args.max_length, min_length=args.min_length, eos_token_id=c.eos_token_id,
-                 pad_token_id=c.pad_token_id, repetition_penalty=args.repetition_penalty)
-  key = jax.random.key(args.seed)
-
-  def decode(m, x, key):
-    embeds = m.image_embeds(x)
-    decoder, states = c.decoder(m, embeds)
-    start = jnp.broadcast_to(prompt_ids, (x.shape[0], prompt_ids.shape[1]))
-    if args.sample:
-      ids = generate.sample(decoder, states, start, rng=key, top_p=args.top_p, top_k=args.top_k,
-                            temperature=args.temperature, **lengths)[:, 0]
-    elif args.beams > 1:
-      ids = generate.beam_search(decoder, states, start, num_beams=args.beams, **lengths)[0][:, 0]
-    else:
-      ids = generate.greedy(decoder, states, start, **lengths)
-    real = (ids != c.pad_token_id).astype(jnp.int32)
-    return ids, caption_confidence(c.logits(m, embeds, ids, real), ids, prompt_ids.shape[1], c.pad_token_id)
-
-  def batch(x):
-    nonlocal key
-    key, sub = jax.random.split(key)
-    return p.run('caption', decode, x, sub)
-
-  ids, confidence = images.map(batch, 'caption')
-  return [{'image': path, 'caption': t, 'confidence': round(float(conf), 4)}
-          for path, t, conf in zip(images.paths, c.texts(ids), confidence)]
+def itm_rows(p, paths, images, args) -> list[dict]:
+  scores = p.itm(images, args.text)
+  return [{'image': path, 'text': text, 'itm': round(float(scores['itm'][i, j]), 4),
+           'itc': round(float(scores['itc'][i, j]), 4)}
+          for i, path in enumerate(paths) for j, text in enumerate(args.text)]
 
 
-def caption_confidence(logits, ids, prompt_length: int, pad_token_id: int):
-  """exp(mean log p) of the generated tokens (end token included) from the teacher-forced
-  `logits` [B, T, V] of `ids` [B, T] (position t predicts token t + 1)."""
-  real = (ids != pad_token_id).astype(jnp.int32)
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  token_logp = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-  generated = real[:, 1:] * (jnp.arange(1, ids.shape[1]) >= prompt_length)[None]
-  return jnp.exp((token_logp * generated).sum(1) / jnp.maximum(generated.sum(1), 1))
+def vqa_rows(p, paths, images, args) -> list[dict]:
+  answers = p.vqa(images, args.question, answers=args.answer_list)
+  return [{'image': path, 'question': q, 'answer': a} for path, row in zip(paths, answers)
+          for q, a in zip(args.question, row)]
 
 
-def itm(p: Predictor, images: Images, args) -> list[dict]:
-  p.require('itm', 'itm_logits', 'image_features')
-  if not args.text:
-    raise InputError('`itm` needs at least one --text')
-  ids, mask = p.encode([pre_caption(t) for t in args.text])
-  n = len(args.text)
-
-  def scores(m, x):
-    embeds = m.image_embeds(x)
-    b = x.shape[0]
-    itc = m.similarity(m.image_features(embeds), features.text_features(m, ids, mask))
-    logits = m.itm_logits(jnp.repeat(embeds, n, 0), jnp.tile(ids, (b, 1)), jnp.tile(mask, (b, 1)))
-    return jax.nn.softmax(logits, -1)[:, 1].reshape(b, n), itc
-
-  match, itc = images.map(lambda x: p.run('itm', scores, x), 'itm')
-  return [{'image': path, 'text': text, 'itm': round(float(match[i, j]), 4), 'itc': round(float(itc[i, j]), 4)}
-          for i, path in enumerate(images.paths) for j, text in enumerate(args.text)]
-
-
-def pre_caption(text: str) -> str:
-  from blip_jax.data.text import pre_caption as clean
-  return clean(text, max_words=50)
-
-
-def retrieve_build(p: Predictor, images: Images, args) -> list[dict]:
-  features = p.image_features(images)
-  np.savez(args.index, paths=np.asarray([os.path.abspath(x) for x in images.paths]), features=features,
-           family=p.family, checkpoint=os.path.abspath(args.checkpoint))
-  print(f'wrote {args.index}: {len(images.paths)} images, features {features.shape[1]}-d', file=sys.stderr)
-  return []
-
-
-def retrieve_query(p: Predictor, args) -> list[dict]:
-  try:
-    index = np.load(args.index)
-  except OSError as e:
-    raise InputError(f'--index {args.index}: cannot read ({e})') from e
-  if str(index['family']) != p.family:
-    raise InputError(f'--index {args.index} was built by a {index["family"]} model; --checkpoint is {p.family}')
-  queries = [(q, p.text_features([pre_caption(q) if p.family in ('blip', 'blip2') else q])[0]) for q in args.query]
-  if args.image_query:
-    if p.family == 'blip2':
-      raise InputError('--image-query needs one feature per image (BLIP or CLIP); BLIP-2 has one per query token')
-    query_images = Images(args.image_query, p.transform, p.image_size, 1)
-    queries += list(zip(query_images.paths, p.image_features(query_images)))
+def classify_rows(p, paths, images, args) -> list[dict]:
   rows = []
-  for query, feature in queries:
-    scores = features.cosine(index['features'], feature[None])[:, 0]
-    for rank, i in enumerate(np.argsort(-scores, kind='stable')[:args.top]):
-      rows.append({'query': query, 'rank': rank + 1, 'image': str(index['paths'][i]), 'score': round(float(scores[i]), 4)})
+  for path, top in zip(paths, p.classify(images, args.class_names, templates=args.template, top=args.top)):
+    rows.append({'image': path, **{f'top{r + 1}': c for r, (c, _) in enumerate(top)},
+                 **{f'p{r + 1}': round(prob, 4) for r, (_, prob) in enumerate(top)}})
   return rows
 
 
-def vqa(p: Predictor, images: Images, args) -> list[dict]:
-  from blip_jax import generate
-  from blip_jax.data.text import pre_question
-  if p.family != 'blip':
-    raise InputError(f'`vqa` needs a BLIP VQA checkpoint; this one is {p.family} (BLIP-2 with OPT answers from '
-                     'Python: README, BLIP-2)')
-  p.require('vqa', 'question_states')
-  if not args.question:
-    raise InputError('`vqa` needs --question')
-  tok = p.tokenizer
-  questions = [pre_question(q) for q in args.question]
-  q_ids, q_mask = p.encode(questions, 'enc')
-  n = len(questions)
-  if args.answers:
-    try:
-      with open(args.answers) as f:
-        answers = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-      raise InputError(f'--answers {args.answers}: cannot read ({e.strerror})') from e
-    if not answers:
-      raise InputError(f'--answers {args.answers}: no answers in the file')
-    a_ids, a_mask = tok.encode(answers, 12, 'dec')
-
-    def answer(m, x):
-      b = x.shape[0]
-      states = m.question_states(jnp.repeat(m.image_embeds(x), n, 0), jnp.tile(q_ids, (b, 1)), jnp.tile(q_mask, (b, 1)))
-      scores = m.answer_scores(states, jnp.tile(q_mask, (b, 1)), a_ids, a_mask)
-      return jnp.argmax(scores, -1).reshape(b, n)
-
-    best = images.map(lambda x: p.run('vqa_rank', answer, x), 'vqa')
-    text = lambda i, j: answers[best[i, j]]
-  else:
-    def answer(m, x):
-      b = x.shape[0]
-      mask = jnp.tile(q_mask, (b, 1))
-      states = m.question_states(jnp.repeat(m.image_embeds(x), n, 0), jnp.tile(q_ids, (b, 1)), mask)
-      start = jnp.full((b * n, 1), tok.bos_token_id, jnp.int32)
-      ids = generate.beam_search(m.answer_decoder, (states, mask), start, num_beams=3, max_length=10, min_length=1,
-                                 eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)[0][:, 0]
-      return ids.reshape(b, n, -1)
-
-    ids = images.map(lambda x: p.run('vqa_generate', answer, x), 'vqa')
-    decoded = [tok.decode(row) for row in ids]
-    text = lambda i, j: decoded[i][j].strip()
-  return [{'image': path, 'question': q, 'answer': text(i, j)}
-          for i, path in enumerate(images.paths) for j, q in enumerate(args.question)]
+# ---------------------------------------------------------------------------------- retrieval index
 
 
-def classify(p: Predictor, images: Images, args) -> list[dict]:
-  from blip_jax.zero_shot import ensemble_prompts
-  classes = [c.strip() for c in args.classes.split(',') if c.strip()]
-  if not classes:
-    raise InputError('`classify` needs --classes a,b,c')
-  templates = args.template or list(DEFAULT_TEMPLATES)
-  bad = [t for t in templates if '{}' not in t]
-  if bad:
-    raise InputError(f'--template must contain "{{}}" where the class name goes: {bad}')
-  if p.family in ('blip', 'blip2'):
-    p.require('classify', 'image_features', 'text_features')
-  prompts = p.text_features([t.format(c) for c in classes for t in templates])
-  classifier = np.asarray(ensemble_prompts(jnp.asarray(prompts).reshape(len(classes), len(templates), -1)))
-  if p.family == 'blip':
-    scale = 1.0 / float(p.run('temp', lambda m: m.temperature()))
-  elif p.family == 'blip2':  # LAVIS divides by the raw temperature
-    scale = 1.0 / float(p.run('temp', lambda m: m.temp[...]))
-  else:
-    scale = float(p.run('scale', lambda m: jnp.exp(m.logit_scale[...])))
-  probs = np.asarray(jax.nn.softmax(scale * features.cosine(p.image_features(images), classifier), axis=-1))
-  k = min(args.top, len(classes))
+class Index:
+  """An image index: DIR/index.json (the model it was built with) and shards DIR/shard-NNNNN.npz
+  of (absolute paths, features), one per batch run, so building can stop and go on at any time."""
+
+  def __init__(self, folder: str, checkpoint: str):
+    self.folder, self.meta_path = folder, os.path.join(folder, 'index.json')
+    meta = {'checkpoint': os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint}
+    if os.path.exists(self.meta_path):
+      with open(self.meta_path) as f:
+        have = json.load(f)
+      if have['checkpoint'] != meta['checkpoint']:
+        raise InputError(f'--index {folder} was built with {have["checkpoint"]}, not {meta["checkpoint"]}')
+    elif os.path.exists(folder) and not os.path.isdir(folder):
+      raise InputError(f'--index {folder} is a file; the index is a folder (of index.json and shards)')
+    self.meta = meta
+
+  def shards(self) -> list[str]:
+    if not os.path.isdir(self.folder):
+      return []
+    return sorted(os.path.join(self.folder, n) for n in os.listdir(self.folder)
+                  if n.startswith('shard-') and n.endswith('.npz'))
+
+  def read(self) -> tuple[list[str], np.ndarray]:
+    shards = self.shards()
+    if not shards:
+      raise InputError(f'--index {self.folder} holds no images yet: build it with IMAGES first')
+    data = [np.load(s) for s in shards]
+    return [str(x) for d in data for x in d['paths']], np.concatenate([d['features'] for d in data])
+
+  def append(self, paths: list[str], features: np.ndarray) -> None:
+    os.makedirs(self.folder, exist_ok=True)
+    if not os.path.exists(self.meta_path):
+      with open(self.meta_path, 'w') as f:
+        json.dump(self.meta, f)
+    number = len(self.shards())
+    tmp = os.path.join(self.folder, f'.shard-{number:05d}.tmp.npz')
+    np.savez(tmp, paths=np.asarray(paths), features=features)
+    os.replace(tmp, os.path.join(self.folder, f'shard-{number:05d}.npz'))  # whole shards only
+
+
+def build_index(p, args) -> int:
+  index = Index(args.index, args.checkpoint)
+  done = set(index.read()[0]) if index.shards() else set()
+  count = 0
+  for paths, images in image_batches(args.images, args.batch_size, skip=done):
+    paths = [os.path.abspath(x) for x in paths]
+    fresh = [(x, im) for x, im in zip(paths, images) if x not in done]
+    if fresh:
+      index.append([x for x, _ in fresh], p.embed_images([im for _, im in fresh]))
+      count += len(fresh)
+  print(f'{args.index}: {count} images added, {len(done) + count} in all', file=sys.stderr)
+  return count
+
+
+def query_index(p, args) -> list[dict]:
+  paths, features = Index(args.index, args.checkpoint).read()
   rows = []
-  for path, prob in zip(images.paths, probs):
-    top = np.argsort(-prob, kind='stable')[:k]
-    rows.append({'image': path, **{f'top{r + 1}': classes[c] for r, c in enumerate(top)},
-                 **{f'p{r + 1}': round(float(prob[c]), 4) for r, c in enumerate(top)}})
+  if args.query:
+    for query, top in zip(args.query, p.retrieve(args.query, features, top=args.top, images=paths if args.rerank else (),
+                                                 rerank=args.rerank)):
+      rows += [{'query': query, 'rank': r + 1, 'image': paths[i], 'score': round(s, 4)} for r, (i, s) in enumerate(top)]
+  for query in args.image_query:
+    if features.ndim != 2:
+      raise InputError('--image-query needs one feature per image (BLIP, CLIP); this model has one per query token')
+    scores = features @ p.embed_images([to_rgb(query)])[0]
+    rows += [{'query': query, 'rank': r + 1, 'image': paths[i], 'score': round(float(scores[i]), 4)}
+             for r, i in enumerate(np.argsort(-scores, kind='stable')[:args.top])]
   return rows
 
 
 # ---------------------------------------------------------------------------------- CLI
 
+COMMANDS = {'caption': caption_rows, 'itm': itm_rows, 'vqa': vqa_rows, 'classify': classify_rows}
+
+
 def parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog='python -m blip_jax.predict', description=__doc__.split('\n\n')[0],
+  ap = argparse.ArgumentParser(prog='blip-jax-predict', description=__doc__.split('\n\n')[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = ap.add_subparsers(dest='command', required=True)
   common = argparse.ArgumentParser(add_help=False)
-  common.add_argument('--checkpoint', required=True, help='a converted or trained model directory')
-  common.add_argument('--vocab', help='BLIP, BLIP-2 stage 1: bert-base-uncased folder or vocab.txt '
-                                      '(default: DIR/vocab.txt)')
-  common.add_argument('--tokenizer', help='CLIP, BLIP-2 with OPT: a local HF tokenizer folder')
+  common.add_argument('--checkpoint', required=True, help='converted directory, PyTorch checkpoint, HF folder or Hub id')
+  common.add_argument('--tokenizer', help='a tokenizer folder or vocab.txt, when the checkpoint has none')
+  common.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   common.add_argument('--batch-size', type=int, default=8)
-  common.add_argument('--json', action='store_true', help='one JSON object per line instead of a table')
+  common.add_argument('--format', default='table', choices=('table', 'jsonl', 'csv'))
+  common.add_argument('--out', help='write the rows to this file (default: stdout)')
+  common.add_argument('--resume', action='store_true', help='keep the rows --out holds and skip their images')
   common.add_argument('images', nargs='*', help='image files, folders or @list.txt')
 
   c = sub.add_parser('caption', parents=[common], help='caption images')
@@ -438,17 +276,11 @@ def parser() -> argparse.ArgumentParser:
   c.add_argument('--repetition-penalty', type=float, default=1.0, help='BLIP uses 1.1 with --sample')
   c.add_argument('--max-length', type=int, default=20, help='tokens, prompt included (BLIP: 20)')
   c.add_argument('--min-length', type=int, default=5, help='tokens, prompt included (BLIP: 5)')
-  c.add_argument('--prompt', help="text the caption continues (default: BLIP 'a picture of ', BLIP-2 none)")
+  c.add_argument('--prompt', help="text the caption continues (default: the model's; BLIP 'a picture of ')")
   c.add_argument('--seed', type=int, default=0)
 
   i = sub.add_parser('itm', parents=[common], help='image-text matching scores')
   i.add_argument('--text', action='append', default=[])
-
-  r = sub.add_parser('retrieve', parents=[common], help='build an image index, or query one')
-  r.add_argument('--index', required=True, help='the .npz index to write (with IMAGES) or to query')
-  r.add_argument('--query', action='append', default=[], help='a text query')
-  r.add_argument('--image-query', action='append', default=[], help='an image query')
-  r.add_argument('--top', type=int, default=5)
 
   v = sub.add_parser('vqa', parents=[common], help='answer questions about images')
   v.add_argument('--question', action='append', default=[])
@@ -458,49 +290,80 @@ def parser() -> argparse.ArgumentParser:
   z.add_argument('--classes', required=True, help='comma-separated class names')
   z.add_argument('--template', action='append', default=[], help="prompt with {} (default 'a picture of a {}.')")
   z.add_argument('--top', type=int, default=5)
+
+  r = sub.add_parser('retrieve', parents=[common], help='build an image index, or query one')
+  r.add_argument('--index', required=True, help='the index folder to add IMAGES to, or to query')
+  r.add_argument('--query', action='append', default=[], help='a text query')
+  r.add_argument('--image-query', action='append', default=[], help='an image query')
+  r.add_argument('--top', type=int, default=5)
+  r.add_argument('--rerank', type=int, default=0, help='rescore the K best by ITM (BLIP, BLIP-2)')
   return ap
 
 
-def run(argv=None) -> list[dict]:
-  """Parse `argv`, run the command and return its rows (also printed)."""
+def _check(args) -> int:
+  """Validates the options of `args.command`; returns the rows each image makes."""
+  if args.batch_size < 1:
+    raise InputError(f'--batch-size must be positive, got {args.batch_size}')
+  if args.command == 'itm':
+    return len(_texts('--text', args.text))
+  if args.command == 'vqa':
+    _texts('--question', args.question)
+    args.answer_list = None
+    if args.answers:
+      try:
+        with open(args.answers) as f:
+          args.answer_list = [line.strip() for line in f if line.strip()]
+      except OSError as e:
+        raise InputError(f'--answers {args.answers}: cannot read ({e.strerror})') from e
+      if not args.answer_list:
+        raise InputError(f'--answers {args.answers}: no answers in the file')
+    return len(args.question)
+  if args.command == 'classify':
+    args.class_names = [c.strip() for c in args.classes.split(',') if c.strip()]
+    if not args.class_names:
+      raise InputError('`classify` needs --classes a,b,c')
+    args.template = args.template or list(DEFAULT_TEMPLATES)
+  return 1
+
+
+def run(argv=None, *, collect: bool = True) -> list[dict]:
+  """Parse `argv`, run the command, write its rows; returns the rows written by this call (with
+  `collect`; the command line keeps none, so its memory does not grow with the inputs)."""
+  from blip_jax.inference import Predictor
   args = parser().parse_args(argv)
-  p = Predictor(args.checkpoint, args.vocab, args.tokenizer)
-  if args.command == 'retrieve' and not args.images:
-    if not (args.query or args.image_query):
-      raise InputError('`retrieve` needs IMAGES (to build --index) or --query / --image-query (to search it)')
-    rows = retrieve_query(p, args)
-  else:
-    if not args.images:
-      raise InputError(f'`{args.command}` needs images (files, folders or @list.txt)')
-    images = Images(args.images, p.transform, p.image_size, args.batch_size)
-    command = {'caption': caption, 'itm': itm, 'retrieve': retrieve_build, 'vqa': vqa, 'classify': classify}
-    rows = command[args.command](p, images, args)
-  print_rows(rows, as_json=args.json)
-  return rows
-
-
-def print_rows(rows: list[dict], as_json: bool) -> None:
-  if as_json:
-    for row in rows:
-      print(json.dumps(row))
-    return
-  if not rows:
-    return
-  keys = list(rows[0])
-  cells = [[str(row.get(k, '')) for k in keys] for row in rows]
-  widths = [max(len(k), *(len(c[j]) for c in cells)) for j, k in enumerate(keys)]
-  print('  '.join(k.ljust(w) for k, w in zip(keys, widths)))
-  for c in cells:
-    print('  '.join(v.ljust(w) for v, w in zip(c, widths)))
+  per_image = _check(args)
+  querying = args.command == 'retrieve' and not args.images
+  if querying and not (args.query or args.image_query):
+    raise InputError('`retrieve` needs IMAGES (to add to --index) or --query / --image-query (to search it)')
+  if not querying and not args.images:
+    raise InputError(f'`{args.command}` needs images (files, folders or @list.txt)')
+  p = Predictor.from_pretrained(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer,
+                                batch_size=args.batch_size)
+  if args.command == 'retrieve' and not querying:
+    if not build_index(p, args) and not Index(args.index, args.checkpoint).shards():
+      raise InputError('no readable images among the inputs')
+    return []
+  rows = Rows(args.out, args.format, resume=args.resume, per_image=per_image)
+  written = []
+  try:
+    if querying:
+      written = query_index(p, args)
+      rows.write(written)
+    else:
+      for paths, images in image_batches(args.images, args.batch_size, skip=rows.done):
+        batch = COMMANDS[args.command](p, paths, images, args)
+        rows.write(batch)
+        if collect:
+          written += batch
+      if not rows.count and not rows.done:
+        raise InputError('no readable images among the inputs')
+  finally:
+    rows.close()
+  return written
 
 
 def main(argv=None) -> int:
-  try:
-    run(argv)
-  except (InputError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0
+  return cli.main(lambda a: run(a, collect=False), argv)
 
 
 if __name__ == '__main__':

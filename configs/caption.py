@@ -1,32 +1,3 @@
-"""BLIP caption fine-tuning on COCO: LM loss with label smoothing 0.1, the prompt 'a picture of '
-ignored by the loss; evaluated with generated captions (BLEU, ROUGE-L, CIDEr and, where Java
-is installed, METEOR).
+"""The `caption` recipe: `blip_jax/configs/caption.py` (its docstring has the command and the result)."""
 
-    python train.py --config configs/caption.py --workdir runs/caption_coco \\
-        --config.init_from=weights/blip_base --config.data.vocab=/path/to/bert-base-uncased \\
-        --config.data.annotations.train=coco_karpathy_train.json \\
-        --config.data.annotations.validation=coco_karpathy_val.json --config.data.image_root=/data/coco
-
-`:tiny` is the few-step test version. Expected (ViT-B, 5 epochs at 384 px, batch 256):
-BLEU-4 about 39.9, CIDEr about 133.5 on the Karpathy test split with beam search (3 beams,
-max 20 / min 5 tokens, as evaluated here).
-"""
-
-from blip_jax.train.config_base import base, make_tiny
-
-
-def get_config(arg: str = ''):
-  c = base()
-  c.task = 'caption'
-  c.model.update(vit='base', image_size=384)
-  c.data.update(name='blip_annotations', task='caption', text_length=40)
-  c.batch_size = 256
-  c.num_epochs = 5
-  c.optim.update(schedule='cosine', lr=1e-5, weight_decay=0.05)
-  c.eval.update(caption_max_length=20, caption_min_length=5, num_beams=3, meteor=True)
-  if arg == 'tiny':
-    make_tiny(c, 'blip')
-    c.optim.lr = 1e-3
-  elif arg:
-    raise ValueError(f"configs/caption.py takes no argument or 'tiny', got {arg!r}")
-  return c
+from blip_jax.configs.caption import get_config  # noqa: F401

@@ -1,34 +1,3 @@
-"""CLIP contrastive training (symmetric InfoNCE over the global batch, learnable logit scale
-clamped at 100) of a small CLIP on `synthetic_scenes/small`, or any caption data.
+"""The `clip` recipe: `blip_jax/configs/clip.py` (its docstring has the command and the result)."""
 
-    python train.py --config configs/clip.py --workdir runs/clip
-
-Fine-tuning converted OpenAI / open_clip weights: `--config.init_from=DIR` (its architecture is
-read from DIR) with `--config.optim.lr=1e-5`. `:tiny` is the few-step test version.
-Evaluation: ITC retrieval R@1/5/10 on the validation split, and zero-shot classification of
-the validation scenes by their number of objects (1, 2 or 3; chance is 33%). For ImageNet:
-`--config.eval.zero_shot.dataset=imagenet2012 --config.eval.zero_shot.templates=...`.
-"""
-
-from blip_jax.train.config_base import base, make_tiny
-
-
-def get_config(arg: str = ''):
-  c = base()
-  c.task = 'clip'
-  c.model.update(variant='ViT-B/16', image_size=64, embed_dim=64)
-  c.model.vision = {'width': 128, 'depth': 4, 'num_heads': 4, 'mlp_dim': 512, 'patch_size': 16}
-  c.model.text = {'width': 128, 'num_layers': 4, 'num_heads': 4, 'context_length': 24}
-  c.data.update(name='synthetic_scenes/small', text_length=24, flip=False)  # captions say left / right
-  c.batch_size = 64
-  c.num_epochs = 4
-  c.optim.update(schedule='warmup_cosine', lr=5e-4, warmup_steps=100, weight_decay=0.1)
-  c.eval.zero_shot.update(dataset=c.data.name, label_key='num_objects', first_label=1,
-                          class_names=('one shape', 'two shapes', 'three shapes'),
-                          templates=('an image showing {}', 'a picture of {}'))
-  if arg == 'tiny':
-    make_tiny(c, 'clip')
-    c.eval.zero_shot.dataset = c.data.name
-  elif arg:
-    raise ValueError(f"configs/clip.py takes no argument or 'tiny', got {arg!r}")
-  return c
+from blip_jax.configs.clip import get_config  # noqa: F401

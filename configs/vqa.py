@@ -1,31 +1,3 @@
-"""BLIP VQA fine-tuning: the answer decoder trained on the question encoder's states, each
-answer weighted by its VQA soft score; evaluated by ranking the training answers.
+"""The `vqa` recipe: `blip_jax/configs/vqa.py` (its docstring has the command and the result)."""
 
-    python train.py --config configs/vqa.py --workdir runs/vqa \\
-        --config.init_from=weights/blip_base --config.data.vocab=/path/to/bert-base-uncased \\
-        --config.data.annotations.train=vqa_train.json --config.data.annotations.validation=vqa_val.json \\
-        --config.data.image_root=/data/coco
-
-`:tiny` is the few-step test version. Expected (ViT-B, 10 epochs at 480 px, VQAv2 + VG,
-batch 128): test-dev accuracy about 78.2.
-"""
-
-from blip_jax.train.config_base import base, make_tiny
-
-
-def get_config(arg: str = ''):
-  c = base()
-  c.task = 'vqa'
-  c.model.update(vit='base', image_size=480)
-  c.data.update(name='blip_annotations', task='vqa', text_length=35, answer_length=10, num_answers=10)
-  c.batch_size = 128
-  c.num_epochs = 10
-  c.optim.update(schedule='cosine', lr=2e-5, weight_decay=0.05)
-  c.eval.k_test = 128
-  if arg == 'tiny':
-    make_tiny(c, 'blip')
-    c.data.num_answers = 2
-    c.optim.lr = 1e-3
-  elif arg:
-    raise ValueError(f"configs/vqa.py takes no argument or 'tiny', got {arg!r}")
-  return c
+from blip_jax.configs.vqa import get_config  # noqa: F401

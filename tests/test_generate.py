@@ -13,7 +13,7 @@ from transformers.generation import logits_process as hf_lp
 
 from blip_jax import generate
 from blip_jax.convert import load_torch
-from torch_refs import BLIP2_QUERIES, DEC, OVERRIDES, PAD, SEP, build_hf, hf_blip2_opt, images, nhwc
+from blip_jax.testing.torch_refs import BLIP2_QUERIES, DEC, OVERRIDES, PAD, SEP, build_hf, hf_blip2_opt, images, nhwc
 
 
 def _hf_filled(sequences, prompt_length, eos, pad, max_length):
@@ -212,7 +212,7 @@ def test_blip2_opt_decoding_equals_hf_generate(blip2_opt, batch, prompt, num_bea
 
 @pytest.fixture(scope='module')
 def qformer_captioner(tmp_path_factory):
-  from torch_refs import hf_blip2_retrieval
+  from blip_jax.testing.torch_refs import hf_blip2_retrieval
   path = tmp_path_factory.mktemp('blip2_stage1')
   hf_blip2_retrieval().save_pretrained(path)
   model, _, _ = load_torch(path, bos_token_id=1)  # the tiny vocabulary's [DEC]

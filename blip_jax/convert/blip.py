@@ -13,12 +13,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from blip_jax import registry
 from blip_jax.convert.readers import Checkpoint
-from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
-                                   count_indexed, materialise_initial_values, merge_overrides, renamer,
-                                   resize_vit_pos_embed)
+from blip_jax.convert.tree import (
+  ConversionError,
+  Report,
+  Rules,
+  assign,
+  count_indexed,
+  merge_overrides,
+  renamer,
+  resize_vit_pos_embed,
+)
 from blip_jax.models import blip as blip_models
 from blip_jax.models.bert import BertConfig
+from blip_jax.models.variables import build_abstract, materialise_initial_values
 from blip_jax.models.vit import ViTConfig
 
 # HF's BLIP / BLIP-2 ViT names -> the original (timm-style) names our ViT mirrors.
@@ -157,7 +166,7 @@ def _tie_lm_heads(tensors, cfg, report):
 
 
 
-def convert(ckpt: Checkpoint, task: str = 'auto', *, strict: bool = True,
+def convert(ckpt: Checkpoint, *, task: str = 'auto', strict: bool = True,
             keep_training_state: bool = False, seed: int = 0, **overrides):
   """Build the BLIP model for `task` and fill it from `ckpt`. Returns (model, config, report)."""
   layout = detect_layout(ckpt.tensors)
@@ -175,7 +184,7 @@ def convert(ckpt: Checkpoint, task: str = 'auto', *, strict: bool = True,
     raise ConversionError(f'{ckpt.source}: cannot infer the BLIP config, key {e} is missing') from e
   report = Report(source=ckpt.source, layout=layout, task=task)
   _tie_lm_heads(tensors, cfg, report)
-  make = lambda: blip_models.build(task, cfg, seed=seed)
+  make = lambda: registry.build('blip', task, cfg, seed=seed)
   model = build_abstract(make)  # weights are filled from the checkpoint, never initialised
   expected_missing = []
   if layout == 'huggingface':

@@ -13,16 +13,25 @@ import re
 
 import numpy as np
 
+from blip_jax import registry
 from blip_jax.convert.blip import HF_VIT_RENAMES
 from blip_jax.convert.clip import OPENAI_RENAMES
 from blip_jax.convert.opt import infer_config as opt_infer_config
 from blip_jax.convert.opt import tie_lm_head as tie_opt_lm_head
 from blip_jax.convert.readers import Checkpoint
-from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
-                                   count_indexed, materialise_initial_values, merge_overrides, renamer,
-                                   resize_vit_pos_embed)
+from blip_jax.convert.tree import (
+  ConversionError,
+  Report,
+  Rules,
+  assign,
+  count_indexed,
+  merge_overrides,
+  renamer,
+  resize_vit_pos_embed,
+)
 from blip_jax.models import blip2 as blip2_models
 from blip_jax.models.qformer import QFormerConfig
+from blip_jax.models.variables import build_abstract, materialise_initial_values
 from blip_jax.models.vit import ViTConfig
 
 HF_RENAMES = HF_VIT_RENAMES + (
@@ -130,6 +139,20 @@ def infer_config(t, hf_config, bare_vit: bool, clip_vit: bool, overrides) -> bli
     raise ConversionError(f'bad config override: {e}') from e
 
 
+def _lavis_caption_end(cfg, files):
+  """LAVIS's BLIP-2 OPT ends captions and answers at '\\n' (its `eos_token_id`), not at OPT's
+  `</s>` (HF's BLIP-2 configs store the same): take its id from the OPT folder's tokenizer."""
+  import dataclasses
+  import os
+
+  from blip_jax.data.tokenizer import HFTokenizer, from_folder
+  for folder in dict.fromkeys(os.path.dirname(f) for f in files):
+    tok = from_folder(folder, 'hf')
+    if isinstance(tok, HFTokenizer):
+      return dataclasses.replace(cfg, opt=dataclasses.replace(cfg.opt, eos_token_id=tok.token_id('\n')))
+  return cfg
+
+
 def _tie_lm_head(tensors, report):
   for key, ref in (('Qformer.cls.predictions.decoder.weight', 'Qformer.bert.embeddings.word_embeddings.weight'),
                    ('Qformer.cls.predictions.decoder.bias', 'Qformer.cls.predictions.bias')):
@@ -140,8 +163,10 @@ def _tie_lm_head(tensors, report):
       del tensors[key]
 
 
-def convert(ckpt: Checkpoint, *, strict: bool = True, seed: int = 0, **overrides):
-  """Build the BLIP-2 stage-1 model and fill it from `ckpt`. Returns (model, config, report)."""
+def convert(ckpt: Checkpoint, *, task: str = 'auto', strict: bool = True, seed: int = 0, **overrides):
+  """Build the BLIP-2 model of `task` ('stage1': the Q-Former with its heads, 'stage2': with OPT;
+  'auto': stage 2 when the checkpoint has `opt_proj`) and fill it from `ckpt`. Returns (model,
+  config, report)."""
   layout = detect_layout(ckpt.tensors)
   bare_vit = any(k in ckpt.tensors for k in ('blocks.0.attn.qkv.weight', 'conv1.weight'))
   clip_vit = any(k in ckpt.tensors for k in ('conv1.weight', 'visual_encoder.conv1.weight'))
@@ -159,11 +184,18 @@ def convert(ckpt: Checkpoint, *, strict: bool = True, seed: int = 0, **overrides
     raise ConversionError(f'{ckpt.source}: cannot infer the BLIP-2 config, key {e} is missing'
                           + (' (LAVIS checkpoints omit the frozen ViT: give its checkpoint too)'
                              if 'visual_encoder' in str(e) else '')) from e
-  report = Report(source=ckpt.source, layout=layout, task='blip2' if cfg.opt is None else 'blip2_opt')
+  if layout == 'lavis' and cfg.opt is not None:
+    cfg = _lavis_caption_end(cfg, ckpt.files)
+  if task == 'auto':
+    task = 'stage1' if cfg.opt is None else 'stage2'
+  if (task == 'stage2') != (cfg.opt is not None):
+    raise ConversionError(f'{ckpt.source}: task {task!r}, but the checkpoint '
+                          + ('has no OPT (opt_proj)' if cfg.opt is None else 'is BLIP-2 with OPT (stage2)'))
+  report = Report(source=ckpt.source, layout=layout, task=task)
   _tie_lm_head(tensors, report)
   if cfg.opt is not None:
     tie_opt_lm_head(tensors, 'opt_model.', report)
-  make = lambda: blip2_models.build(cfg, seed=seed)
+  make = lambda: registry.build('blip2', task, cfg, seed=seed)
   model = build_abstract(make)
   expected_missing = []
   if layout == 'huggingface' and cfg.opt is None:

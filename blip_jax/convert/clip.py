@@ -9,15 +9,23 @@ way OpenAI's `build_model` does.
 
 from __future__ import annotations
 
-
 import numpy as np
 
+from blip_jax import registry
 from blip_jax.convert.readers import Checkpoint, TensorStore
-from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
-                                   count_indexed, materialise_initial_values, merge_overrides, renamer,
-                                   resize_vit_pos_embed)
+from blip_jax.convert.tree import (
+  ConversionError,
+  Report,
+  Rules,
+  assign,
+  count_indexed,
+  merge_overrides,
+  renamer,
+  resize_vit_pos_embed,
+)
 from blip_jax.models import clip as clip_models
 from blip_jax.models.bert import BertConfig
+from blip_jax.models.variables import build_abstract, materialise_initial_values
 
 _BLOCK_RENAMES = (
     (r'\.ln_1\.', '.norm1.'), (r'\.ln_2\.', '.norm2.'),
@@ -157,9 +165,10 @@ def infer_config(t, layout, hf_config, act, overrides):
     raise ConversionError(f'bad config override: {e}') from e
 
 
-def convert(ckpt: Checkpoint, *, act: str | None = None, strict: bool = True, seed: int = 0,
+def convert(ckpt: Checkpoint, *, task: str = 'auto', act: str | None = None, strict: bool = True, seed: int = 0,
             **overrides):
-  """Build a CLIP model and fill it from `ckpt`. Returns (model, config, report)."""
+  """Build a CLIP (or Chinese-CLIP) model and fill it from `ckpt`; its one task is
+  'contrastive'. Returns (model, config, report)."""
   layout = detect_layout(ckpt.tensors)
   tensors = normalise(ckpt.tensors, layout)
   if act is None and ckpt.torchscript:
@@ -168,8 +177,8 @@ def convert(ckpt: Checkpoint, *, act: str | None = None, strict: bool = True, se
     cfg = infer_config(tensors, layout, ckpt.hf_config, act, overrides)
   except KeyError as e:
     raise ConversionError(f'{ckpt.source}: cannot infer the CLIP config, key {e} is missing') from e
-  report = Report(source=ckpt.source, layout=layout, task='clip')
-  make = lambda: clip_models.build(cfg, seed=seed)
+  report = Report(source=ckpt.source, layout=layout, task='contrastive')
+  make = lambda: registry.family_of(cfg).build('contrastive', cfg, seed=seed)
   model = build_abstract(make)  # weights are filled from the checkpoint, never initialised
   rules = Rules(expected_unused=EXPECTED_UNUSED, resize=((r'pos_embed$', resize_vit_pos_embed),))
   assign(model, tensors, rules, report, strict=strict)

@@ -6,10 +6,11 @@ import re
 
 import numpy as np
 
+from blip_jax import registry
 from blip_jax.convert.readers import Checkpoint
-from blip_jax.convert.tree import (ConversionError, Report, Rules, assign, build_abstract,
-                                   count_indexed, materialise_initial_values)
+from blip_jax.convert.tree import ConversionError, Report, Rules, assign, count_indexed
 from blip_jax.models import opt as opt_models
+from blip_jax.models.variables import build_abstract, materialise_initial_values
 
 EXPECTED_UNUSED = ((r'\.position_ids$', 'buffer (position indices), not a parameter'),)
 
@@ -48,16 +49,16 @@ def tie_lm_head(tensors, prefix: str, report: Report) -> None:
     del tensors[key]
 
 
-def convert(ckpt: Checkpoint, *, strict: bool = True, seed: int = 0, **overrides):
+def convert(ckpt: Checkpoint, *, task: str = 'auto', strict: bool = True, seed: int = 0, **overrides):
   """A bare HF OPTForCausalLM checkpoint. Returns (model, config, report)."""
   tensors = ckpt.tensors.renamed(str)
   try:
     cfg = infer_config(tensors, '', ckpt.hf_config, overrides)
   except KeyError as e:
     raise ConversionError(f'{ckpt.source}: not an OPT checkpoint, key {e} is missing') from e
-  report = Report(source=ckpt.source, layout='huggingface', task='opt')
+  report = Report(source=ckpt.source, layout='huggingface', task='lm')
   tie_lm_head(tensors, '', report)
-  make = lambda: opt_models.build(cfg, seed=seed)
+  make = lambda: registry.build('opt', 'lm', cfg, seed=seed)
   model = build_abstract(make)
   assign(model, tensors, Rules(expected_unused=EXPECTED_UNUSED), report, strict=strict)
   materialise_initial_values(model, make)

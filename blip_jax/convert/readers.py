@@ -16,7 +16,8 @@ import dataclasses
 import json
 import os
 import zipfile
-from typing import Any, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class TensorStore(MutableMapping):
   def __len__(self) -> int:
     return len(self._loaders)
 
-  def renamed(self, rename: Callable[[str], str]) -> 'TensorStore':
+  def renamed(self, rename: Callable[[str], str]) -> TensorStore:
     """The same tensors under new keys (still unloaded); two keys may not meet."""
     out = {}
     for key, loader in self._loaders.items():

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from blip_jax.models.variables import named_variables
 from blip_jax.models.vit import resize_pos_embed
 
 LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight'}
@@ -46,48 +46,6 @@ class Report:
         lines.append(f'{title}: {len(entries)}')
         lines.extend(f'  {k}: {why}' for k, why in sorted(entries.items()))
     return '\n'.join(lines)
-
-
-def is_weight(v) -> bool:
-  return isinstance(v, nnx.Variable) and not isinstance(v, nnx.RngState)
-
-
-def named_variables(module: nnx.Module) -> list[tuple[str, nnx.Variable]]:
-  """Every (dotted path, Variable) of `module`, shared Variables once per path they have."""
-  out = []
-
-  def walk(node, prefix):
-    for name, value in vars(node).items():
-      if name.startswith('_'):
-        continue
-      path = f'{prefix}{name}'
-      if is_weight(value):
-        out.append((path, value))
-      elif isinstance(value, nnx.Module):
-        walk(value, path + '.')
-
-  walk(module, '')
-  return out
-
-
-def build_abstract(make: Callable[[], nnx.Module]) -> nnx.Module:
-  """`make()`'s model with shape-only weights (no memory) but real RNG state (dropout keys)."""
-  model = nnx.eval_shape(make)
-  # Under jit only the requested outputs are computed: the weight initialisers are dead code.
-  nnx.update(model, jax.jit(lambda: nnx.state(make(), nnx.RngState))())
-  return model
-
-
-def materialise_initial_values(model: nnx.Module, make: Callable[[], nnx.Module]) -> list[str]:
-  """Give every still shape-only weight of `model` its initial value from `make()`, computing
-  only those; returns their paths."""
-  pending = {path: var for path, var in named_variables(model)
-             if isinstance(var.get_value(), jax.ShapeDtypeStruct)}
-  if pending:
-    values = jax.jit(lambda: {p: v.get_value() for p, v in named_variables(make()) if p in pending})()
-    for path, var in pending.items():
-      var.set_value(values[path])
-  return sorted(pending)
 
 
 def torch_name(path: str) -> str:

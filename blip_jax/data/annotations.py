@@ -26,8 +26,8 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
+from PIL import Image
 
 TASKS = ('caption', 'vqa', 'nlvr')
 REQUIRED = {'caption': ('image', 'caption'), 'vqa': ('image', 'question', 'question_id'),

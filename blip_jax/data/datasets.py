@@ -4,7 +4,8 @@
 |----------------------------|-----------------------------------------------------------------|
 | `synthetic_scenes/<size>`  | generated here (tiny / small / large), with its own vocabulary  |
 | `blip_annotations`         | your files: `data.task` (caption / vqa / nlvr), `data.annotations` {split: JSON path}, `data.image_root` |
-| `coco_captions`            | the TFDS catalog dataset (downloads where the network allows); Karpathy splits train / val / test / restval, `validation` read as `val` |
+| `coco_captions`            | the TFDS catalog dataset (downloads where the network allows); Karpathy splits train / val / |
+|                            | test / restval, `validation` read as `val` |
 
 Builders are prepared in the ArrayRecord format, which gives the loaders random access.
 """
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import os
 
-import jax
 import tensorflow_datasets as tfds
 
+from blip_jax import distributed
 from blip_jax.data import annotations, synthetic_scenes
 from blip_jax.data.tokenizer import BlipTokenizer
 
@@ -25,13 +26,7 @@ FILE_FORMAT = 'array_record'
 def builder(data) -> tfds.core.DatasetBuilder:
   """The (prepared) dataset builder of `data`; builds it on first use. In a multi-host run the
   first process prepares it while the others wait, then they open what it wrote."""
-  if jax.process_count() == 1:
-    return _prepared(data)
-  from jax.experimental import multihost_utils
-  if jax.process_index() == 0:
-    b = _prepared(data)
-  multihost_utils.sync_global_devices(f'dataset {data["name"]} prepared')
-  return b if jax.process_index() == 0 else _prepared(data)
+  return distributed.primary_first(f'dataset {data["name"]} prepared', lambda: _prepared(data))
 
 
 def _prepared(data) -> tfds.core.DatasetBuilder:
@@ -55,13 +50,14 @@ def _prepared(data) -> tfds.core.DatasetBuilder:
   return b
 
 
-def tokenizer(data, b: tfds.core.DatasetBuilder) -> BlipTokenizer:
-  """`data.vocab` (a vocab.txt or a bert-base-uncased folder), else the dataset's own vocabulary."""
-  vocab = data.get('vocab') or None
+def tokenizer(data, b: tfds.core.DatasetBuilder, *, with_enc: bool = True) -> BlipTokenizer:
+  """`data.vocab` (a vocab.txt or a bert-base-uncased folder), else the dataset's own vocabulary;
+  `with_enc`: add BLIP's `[ENC]` (`[DEC]` is always added)."""
+  vocab = data.vocab or None
   if vocab is None:
     if not isinstance(b, synthetic_scenes.SyntheticScenes):
       raise ValueError(f'data.vocab is required for {b.name}: point it at a bert-base-uncased folder or vocab.txt')
     vocab = synthetic_scenes.vocab_path(b)
   if not os.path.exists(vocab):
     raise FileNotFoundError(f'data.vocab: {vocab} does not exist')
-  return BlipTokenizer(vocab)
+  return BlipTokenizer(vocab, with_enc=with_enc)

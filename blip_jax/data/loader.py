@@ -22,7 +22,7 @@ TFDS ArrayRecord format) and transformed by a tf.function, a few batches ahead o
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np

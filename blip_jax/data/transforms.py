@@ -1,23 +1,23 @@
-"""Image preprocessing in TensorFlow ops (for tf.data pipelines), as the originals do it.
+"""The training image transform in TensorFlow ops, as the originals do it, and `image_function`,
+the callable the loaders apply to every image.
 
-- `blip_eval`: squash-resize to S x S (bicubic, no crop), then normalise (BLIP / BLIP-2 eval);
-- `clip_eval`: resize the shorter side to S (bicubic), centre-crop S x S, normalise (CLIP);
 - `blip_train`: RandomResizedCrop(S, scale=(0.5, 1.0), bicubic), a horizontal flip and
-  RandAugment (2 ops, magnitude 5, the originals' op list: `randaugment.py`), then normalise.
+  RandAugment (2 ops, magnitude 5, the originals' op list: `randaugment.py`), then normalise;
+- `blip_eval` / `clip_eval`: the evaluation transforms, in numpy (`preprocess.py`, shared with
+  inference, which needs no TensorFlow).
 
 Inputs are uint8 HWC images; outputs float32 HWC, normalised with the CLIP/BLIP mean and std.
-Resizing uses antialiased bicubic filtering, like PIL's, so downscaled images match the
-originals' torchvision/PIL pipelines closely (see tests/test_transforms.py for the measured gap).
+Resizing uses antialiased bicubic filtering (the same filter in both files), like PIL's, so
+downscaled images match the originals' torchvision/PIL pipelines closely.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from blip_jax.data import preprocess
+from blip_jax.data.preprocess import MEAN, STD
 from blip_jax.data.randaugment import randaugment
-
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def normalize(image):
@@ -32,21 +32,6 @@ def _resize(image, height, width):
   image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, (height, width), method='bicubic',
                           antialias=True)
   return tf.clip_by_value(image, 0.0, 1.0)
-
-
-def blip_eval(image, size: int):
-  return normalize(_resize(image, size, size))
-
-
-def clip_eval(image, size: int):
-  """torchvision's Resize(size) (shorter side to `size`, longer side truncated) + CenterCrop."""
-  hw = tf.shape(image)[:2]
-  short = tf.reduce_min(hw)
-  new = tf.where(hw == short, size, (size * hw) // short)
-  image = _resize(image, new[0], new[1])
-  # CenterCrop's offset: round((new - size) / 2), half to even like Python's round.
-  top, left = (tf.cast(tf.round(tf.cast(new - size, tf.float32) / 2), tf.int32)[i] for i in (0, 1))
-  return normalize(image[top:top + size, left:left + size])
 
 
 def blip_train(image, size: int, seed, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True,
@@ -79,11 +64,9 @@ def image_function(kind: str, size: int, **train_options):
   """A numpy callable `(uint8 HWC image, int seed [2]) -> float32 S x S x 3` for the loaders:
   `kind` is 'blip_train', 'blip_eval' or 'clip_eval' (the eval ones ignore the seed);
   `train_options` go to `blip_train` (scale, flip, randaugment_ops)."""
-  if kind not in ('blip_train', 'blip_eval', 'clip_eval'):
-    raise ValueError(f"image transform must be 'blip_train', 'blip_eval' or 'clip_eval', got {kind!r}")
-  transform = {'blip_train': lambda im, seed: blip_train(im, size, seed, **train_options),
-               'blip_eval': lambda im, seed: blip_eval(im, size),
-               'clip_eval': lambda im, seed: clip_eval(im, size)}[kind]
-  fn = tf.function(transform, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8),
-                                               tf.TensorSpec([2], tf.int64)])
+  if kind != 'blip_train':
+    transform = preprocess.eval_transform(kind, size)
+    return lambda image, seed: transform(image)
+  fn = tf.function(lambda im, seed: blip_train(im, size, seed, **train_options),
+                   input_signature=[tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([2], tf.int64)])
   return lambda image, seed: fn(image, tf.constant(seed, tf.int64)).numpy()

@@ -12,7 +12,7 @@ import collections
 import os
 import pathlib
 import string
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 

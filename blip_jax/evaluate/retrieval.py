@@ -1,15 +1,20 @@
 """Image-text retrieval evaluation as the originals do it (REFERENCE.md section 7).
 
-1. the ITC cosine matrix of every image against every text;
-2. optionally, for each query, its top `k` candidates rescored by the ITM head: the final score
-   is `itm_logit[:, 1] + cosine`, every other entry -100;
+1. the ITC similarity of every image against every text (`model.similarity`: cosine; BLIP-2 the
+   best query's);
+2. with `k_test > 0`, for each query, its top `k_test` candidates rescored by the ITM head: the
+   final score is `itm_logit[:, 1] + similarity`, every other entry -100;
 3. Recall@1/5/10 in both directions with several texts per image: an image query hits when any
    of its texts ranks within k; a text query when its image does.
+
+Metrics: `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, ..., `r_mean` (percent).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from blip_jax.evaluate.context import EvalContext, over_batches, over_rows
 
 
 def recalls(scores_i2t: np.ndarray, img2txt, txt2img: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
@@ -57,3 +62,41 @@ def recalls_from_both(scores_i2t, scores_t2i, img2txt, txt2img, ks=(1, 5, 10)) -
   out = {**i2t, **t2i}
   out['r_mean'] = float(np.mean(list(out.values())))
   return out
+
+
+class Evaluator:
+  """Retrieval over the eval split (every image once with all its captions)."""
+
+  def __init__(self, ctx: EvalContext, *, k_test: int = 16, batch_size: int = 64):
+    ctx.require('retrieval', 'encode_image', 'encode_text', 'similarity',
+                *(('image_embeds', 'image_features', 'itm_logits') if k_test else ()))
+    self.ctx, self.k_test, self.batch_size = ctx, k_test, batch_size
+    self.index = ctx.retrieval_index()
+    self.images = ctx.image_loader(batch_size)
+    self.text_features = ctx.jit(lambda m, ids, mask: m.encode_text(ids, mask))
+    self.similarity = ctx.jit(lambda m, image_feat, text_feat: m.similarity(image_feat, text_feat))
+    if k_test:
+      self.image_outputs = ctx.jit(lambda m, x: (lambda e: (e, m.image_features(e)))(m.image_embeds(x)))
+      self.itm = ctx.jit(lambda m, embeds, ids, mask: m.itm_logits(embeds, ids, mask)[:, 1])
+    else:
+      self.image_outputs = ctx.jit(lambda m, x: m.encode_image(x))
+    self.scores = None  # the final (i2t, t2i) score matrices of the last run, for inspection
+
+  def run(self, state) -> dict[str, float]:
+    index = self.index
+    outputs = over_batches(self.images, lambda b: self.image_outputs(state, b['image']), 'eval retrieval images')
+    image_embeds, image_feat = outputs if self.k_test else (None, outputs)
+    text_feat = over_rows(lambda ids, mask: self.text_features(state, ids, mask),
+                          (index.text_ids, index.text_mask), self.batch_size)
+    sim = over_rows(lambda feat: self.similarity(state, feat, text_feat), (image_feat,), self.batch_size)
+    if not self.k_test:
+      self.scores = {'i2t': sim, 't2i': sim.T}
+      return recalls(sim, index.img2txt, index.txt2img)
+
+    def pair_scores(image_index, text_index):
+      return over_rows(lambda i, t: self.itm(state, image_embeds[i], index.text_ids[t], index.text_mask[t]),
+                       (image_index, text_index), self.batch_size)
+
+    i2t, t2i = rerank(sim, self.k_test, pair_scores)
+    self.scores = {'i2t': i2t, 't2i': t2i}
+    return recalls_from_both(i2t, t2i, index.img2txt, index.txt2img)

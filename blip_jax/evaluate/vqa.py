@@ -4,11 +4,19 @@ An answer is normalised (punctuation, number words to digits, articles dropped, 
 contractions restored), then scored against the human answers of its question: for each human,
 `min(1, matches among the other humans / 3)`, averaged over the humans (the official
 leave-one-out form of "3 of 10 annotators agree"). The accuracy of a set is the mean, in percent.
+
+The evaluator answers every eval question with the best-ranked of the candidate answers (every
+answer of the training examples) and reports `accuracy`.
 """
 
 from __future__ import annotations
 
 import re
+
+import numpy as np
+
+from blip_jax import distributed
+from blip_jax.evaluate.context import EvalContext
 
 _PUNCT = [';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',', '?', '!']
 _COMMA_IN_NUMBER = re.compile(r'(\d)(,)(\d)')
@@ -54,3 +62,43 @@ def mean_vqa_accuracy(predictions: list[str], human_answers: list[list[str]]) ->
   if len(predictions) != len(human_answers):
     raise ValueError(f'{len(predictions)} predictions for {len(human_answers)} questions')
   return 100.0 * sum(vqa_accuracy(p, h) for p, h in zip(predictions, human_answers)) / len(predictions)
+
+
+def human_answers(answers: list[str], weights, votes: int = 10) -> list[str]:
+  """The annotators' answers behind unique answers and their weights (shares of `votes` human
+  answers, VQAv2's 10 per question), for the VQA accuracy."""
+  return [a for a, w in zip(answers, weights) for _ in range(int(round(float(w) * votes)))]
+
+
+def answer_list(train_examples, tokenizer) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """The candidate answers: every answer with weight in the training examples (sorted)."""
+  ids = train_examples.columns['answer_ids']
+  weights = train_examples.columns['weights']
+  unique = np.unique(ids[weights > 0], axis=0)
+  mask = (unique != tokenizer.pad_token_id).astype(np.int32)
+  return unique, mask, tokenizer.decode(unique)
+
+
+class Evaluator:
+  def __init__(self, ctx: EvalContext, *, batch_size: int = 64):
+    ctx.require('vqa', 'question_states', 'answer_scores')
+    if ctx.train_examples is None or 'answer_ids' not in ctx.train_examples.columns:
+      raise ValueError('evals.vqa ranks the training answers: it needs a run on VQA examples')
+    self.tokenizer = ctx.tokenizer
+    self.examples = ctx.loader(ctx.examples('vqa'), batch_size)
+    a_ids, a_mask, self.answers = answer_list(ctx.train_examples, ctx.tokenizer)
+
+    def scores(m, images, q_ids, q_mask):
+      return m.answer_scores(m.question_states(m.image_embeds(images), q_ids, q_mask), q_mask, a_ids, a_mask)
+
+    self.best = ctx.jit(lambda m, *args: scores(m, *args).argmax(-1))
+
+  def run(self, state) -> dict[str, float]:
+    predictions, humans = [], []
+    for batch in self.examples.epoch():
+      best = distributed.to_host(self.best(state, batch['image'], batch['question_ids'], batch['question_mask']))
+      valid, weights, answers = distributed.to_host((batch['valid'], batch['weights'], batch['answer_ids']))
+      for row in np.flatnonzero(valid):
+        predictions.append(self.answers[best[row]])
+        humans.append(human_answers(self.tokenizer.decode(answers[row]), weights[row]))
+    return {'accuracy': mean_vqa_accuracy(predictions, humans)}

@@ -18,7 +18,8 @@ Attribute paths mirror the PyTorch module names (`embeddings.word_embeddings`,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -24,7 +24,7 @@ from flax import nnx
 
 from blip_jax.models import layers
 from blip_jax.models.bert import BertConfig, BertLMHeadModel, BertModel, lm_loss
-from blip_jax.models.vit import ViTConfig, VisionTransformer, vit_config
+from blip_jax.models.vit import VisionTransformer, ViTConfig, vit_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +162,26 @@ class BlipRetrieval(BlipFeatureExtractor):
     """The learned temperature, clamped to [0.001, 0.5] as the originals do before use."""
     return jnp.clip(self.temp[...], 0.001, 0.5)
 
+  def after_update(self):
+    """The originals clamp `temp` to [0.001, 0.5] after each optimiser step."""
+    self.temp[...] = jnp.clip(self.temp[...], 0.001, 0.5)
+
+  # The contrastive interface every model with ITC features has (BLIP, BLIP-2, CLIP).
+  def encode_image(self, images):
+    """Normalised ITC image features [B, embed_dim] of images [B, S, S, 3]."""
+    return self.image_features(self.image_embeds(images))
+
+  def encode_text(self, input_ids, attention_mask=None):
+    """Normalised ITC text features [B, embed_dim] (text mode, `[CLS]` kept)."""
+    return self.text_features(self.text_embeds(input_ids, attention_mask))
+
   def similarity(self, image_feat, text_feat):
     """Cosine similarity [B_img, B_txt] (the ITC score used for retrieval)."""
     return image_feat @ text_feat.T
+
+  def itc_scale(self):
+    """What the cosine is multiplied by in the contrastive logits: 1 / temperature."""
+    return 1.0 / self.temperature()
 
   def itc_logits(self, image_feat, text_feat):
     """Image-to-text logits [B_img, B_txt] of the contrastive loss: cosine / temp."""
@@ -177,7 +194,25 @@ class BlipRetrieval(BlipFeatureExtractor):
     return self.itm_head(states[:, 0]).astype(jnp.float32)
 
 
-class BlipCaptioner(_WithImageEncoder):
+class _Captions:
+  """The captioning interface of models with an image-grounded `text_decoder` (the captioner and
+  the pretraining model), shared with BLIP-2 so that one decoding routine serves them all."""
+
+  def caption_decoder(self, image_embeds):
+    """(decoder in `blip_jax.generate`'s interface, what it is conditioned on)."""
+    return self.text_decoder, image_embeds
+
+  def caption_logits(self, image_embeds, input_ids, attention_mask=None):
+    """Teacher-forced logits [B, T, V] of captions that start with `[DEC]` (position t predicts
+    token t + 1)."""
+    return self.text_decoder(input_ids, attention_mask, image_embeds)
+
+  def caption_token_ids(self) -> dict[str, int]:
+    """The end and padding ids of generated captions (`blip_jax.generate` keywords)."""
+    return {'eos_token_id': self.config.sep_token_id, 'pad_token_id': self.config.pad_token_id}
+
+
+class BlipCaptioner(_Captions, _WithImageEncoder):
   """BLIP_Decoder (HF `BlipForConditionalGeneration`): the ViT and the MED decoder."""
 
   def __init__(self, cfg: BlipConfig, *, rngs: nnx.Rngs):
@@ -224,7 +259,7 @@ class BlipVQA(BlipFeatureExtractor):
     return -lm_loss(logits, labels, label_smoothing=self.config.text.label_smoothing, reduction='none').reshape(b, a)
 
   @property
-  def answer_decoder(self) -> 'QuestionConditionedDecoder':
+  def answer_decoder(self) -> QuestionConditionedDecoder:
     """The answer decoder for `blip_jax.generate`, conditioned on `(question_states, question_mask)`."""
     return QuestionConditionedDecoder(self.text_decoder)
 
@@ -280,7 +315,7 @@ class BlipNLVR(BlipFeatureExtractor):
     return self.cls_head(states[:, 0]).astype(jnp.float32)
 
 
-class BlipPretrain(BlipRetrieval):
+class BlipPretrain(_Captions, BlipRetrieval):
   """BLIP_Pretrain: ITC + ITM + LM. The decoder shares everything with the text encoder except
   its (causal) self-attention: embeddings, cross-attention, FFN and their LayerNorms are the
   same Variables, as `tie_encoder_decoder_weights(..., skip_key='/attention')` makes them."""
@@ -312,10 +347,3 @@ TASKS = {
     'nlvr': BlipNLVR,
     'pretrain': BlipPretrain,
 }
-
-
-def build(task: str, cfg: BlipConfig, *, seed: int = 0) -> nnx.Module:
-  """A randomly initialised BLIP model for `task` (one of TASKS)."""
-  if task not in TASKS:
-    raise ValueError(f'unknown BLIP task {task!r}; expected one of {sorted(TASKS)}')
-  return TASKS[task](cfg, rngs=nnx.Rngs(seed))

@@ -23,7 +23,7 @@ from blip_jax.models import layers
 from blip_jax.models.bert import lm_loss
 from blip_jax.models.opt import OPTConfig, OPTForCausalLM
 from blip_jax.models.qformer import QFormer, QFormerConfig
-from blip_jax.models.vit import ViTConfig, VisionTransformer, vit_config
+from blip_jax.models.vit import VisionTransformer, ViTConfig, vit_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,10 @@ class Blip2Config:
   embed_dim: int = 256
   bos_token_id: int = 30522  # [DEC]: first token of the ITG decoder input
   pad_token_id: int = 0
+  sep_token_id: int = 102  # [SEP]: where the ITG decoder's captions end
   opt: OPTConfig | None = None  # set for stage 2
+  prompt: str = ''  # what captions continue (LAVIS captions without one)
+  vqa_prompt: str = 'Question: {} Short answer:'  # LAVIS Blip2OPT.predict_answers
 
   def __post_init__(self):
     if self.qformer.encoder_width != self.vision.width:
@@ -85,9 +88,34 @@ class Blip2Qformer(_Blip2Base):
     states = self.Qformer.bert(input_ids=input_ids, attention_mask=attention_mask)
     return layers.l2_normalize(self.text_proj(states[:, 0]))
 
+  # The contrastive interface every model with ITC features has (BLIP, BLIP-2, CLIP).
+  def encode_image(self, images):
+    """Normalised ITC image features [B, Q, E], one per query."""
+    return self.image_features(self.image_embeds(images))
+
+  def encode_text(self, input_ids, attention_mask=None):
+    """Normalised ITC text features [B, E]."""
+    return self.text_features(input_ids, attention_mask)
+
   def similarity(self, image_feat, text_feat):
     """ITC similarity [B_img, B_txt]: max over the queries of the cosine."""
     return jnp.einsum('iqe,te->iqt', image_feat, text_feat).max(axis=1)
+
+  def itc_scale(self):
+    """What the similarity is multiplied by in the contrastive logits: 1 / temp (LAVIS's BLIP-2
+    uses its temperature unclamped, unlike BLIP)."""
+    return 1.0 / self.temp[...]
+
+  def caption_decoder(self, image_embeds):
+    """The ITG captioner: (decoder for `blip_jax.generate`, its conditioning)."""
+    return self.decoder, image_embeds
+
+  def caption_logits(self, image_embeds, input_ids, attention_mask=None):
+    """Teacher-forced ITG logits [B, T, V] of captions starting with `[DEC]`."""
+    return self.itg_logits(image_embeds, input_ids, attention_mask)
+
+  def caption_token_ids(self) -> dict[str, int]:
+    return {'eos_token_id': self.config.sep_token_id, 'pad_token_id': self.config.pad_token_id}
 
   def itm_logits(self, image_embeds, input_ids, attention_mask=None, image_rows=None):
     """ITM logits [B, 2] of image-text pairs: itm_head averaged over the query positions; text
@@ -107,7 +135,7 @@ class Blip2Qformer(_Blip2Base):
     return self.Qformer.lm_logits(states[:, queries.shape[1]:])
 
   @property
-  def decoder(self) -> 'QFormerDecoder':
+  def decoder(self) -> QFormerDecoder:
     """The Q-Former as an image-grounded text decoder (ITG) for `blip_jax.generate`, conditioned
     on `image_embeds(...)`; its prompts start with `[DEC]` (`config.bos_token_id`)."""
     return QFormerDecoder(self)
@@ -152,9 +180,22 @@ class Blip2OPT(_Blip2Base):
     return lm_loss(logits, labels, label_smoothing=0.0)
 
   @property
-  def decoder(self) -> 'PrefixDecoder':
+  def decoder(self) -> PrefixDecoder:
     """The OPT behind the image prefix, for `blip_jax.generate` (conditioned on `prefix(...)`)."""
     return PrefixDecoder(self.opt_model)
+
+  def caption_decoder(self, image_embeds):
+    """(the OPT decoder for `blip_jax.generate`, the image prefix it is conditioned on)."""
+    return self.decoder, self.prefix(image_embeds)
+
+  def caption_logits(self, image_embeds, input_ids, attention_mask=None):
+    """Teacher-forced logits [B, T, V] of the text (the image prefix's positions left out)."""
+    return self.logits(image_embeds, input_ids, attention_mask)[:, self.config.qformer.num_query_tokens:]
+
+  def caption_token_ids(self) -> dict[str, int]:
+    """OPT's end and padding ids; BLIP-2 checkpoints set OPT's end to '\\n' (50118), where LAVIS's
+    captions end."""
+    return {'eos_token_id': self.config.opt.eos_token_id, 'pad_token_id': self.config.opt.pad_token_id}
 
 
 class PrefixDecoder:
@@ -224,8 +265,3 @@ class QFormerDecoder:
       x = layer.output(layer.intermediate(x), x)
       new_layers.append(layer_cache)
     return self.model.Qformer.lm_logits(x), {'index': index + x.shape[1], 'layers': new_layers}
-
-
-def build(cfg: Blip2Config, *, seed: int = 0) -> Blip2Qformer | Blip2OPT:
-  """Stage 2 (Blip2OPT) when `cfg.opt` is set, else stage 1 (Blip2Qformer)."""
-  return (Blip2OPT if cfg.opt is not None else Blip2Qformer)(cfg, rngs=nnx.Rngs(seed))

@@ -18,7 +18,7 @@ from flax import nnx
 
 from blip_jax.models import layers
 from blip_jax.models.bert import BertConfig, BertModel
-from blip_jax.models.vit import Block, ViTConfig, VisionTransformer
+from blip_jax.models.vit import Block, VisionTransformer, ViTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,7 @@ class TextTransformer(nnx.Module):
 
 class _TwoTowers(nnx.Module):
   """The CLIP image tower, a text projection and the learned logit scale; subclasses add the
-  text tower and `encode_text`."""
+  text tower and `embed_text`."""
 
   def __init__(self, cfg, text_width: int, *, rngs: nnx.Rngs):
     self.config = cfg
@@ -102,20 +102,42 @@ class _TwoTowers(nnx.Module):
     self.text_projection = nnx.Param(layers.INIT(rngs.params(), (text_width, cfg.embed_dim)))
     self.logit_scale = nnx.Param(jnp.array(jnp.log(1 / 0.07), jnp.float32))
 
-  def encode_image(self, images):
-    """Images [B, S, S, 3] (NHWC, CLIP-normalised) -> image embeddings [B, E] (not normalised)."""
+  def embed_image(self, images):
+    """Images [B, S, S, 3] (NHWC, CLIP-normalised) -> image embeddings [B, E], not normalised
+    (HF `get_image_features`, open_clip `encode_image(normalize=False)`)."""
     return self.visual.features(images)
 
-  def encode_text(self, input_ids, attention_mask=None):
+  def embed_text(self, input_ids, attention_mask=None):
+    """Token ids [B, T] -> text embeddings [B, E], not normalised."""
     raise NotImplementedError
 
+  # The contrastive interface every model with ITC features has (BLIP, BLIP-2, CLIP).
+  def encode_image(self, images):
+    """Normalised image features [B, E]."""
+    return layers.l2_normalize(self.embed_image(images))
+
+  def encode_text(self, input_ids, attention_mask=None):
+    """Normalised text features [B, E]."""
+    return layers.l2_normalize(self.embed_text(input_ids, attention_mask))
+
+  def similarity(self, image_feat, text_feat):
+    """Cosine [B_img, B_txt] of normalised features."""
+    return image_feat @ text_feat.T
+
+  def itc_scale(self):
+    """What the cosine is multiplied by in the contrastive logits: exp(logit_scale)."""
+    return jnp.exp(self.logit_scale[...])
+
+  def after_update(self):
+    """The originals clamp the learned scale at 100 after each optimiser step."""
+    self.logit_scale[...] = jnp.clip(self.logit_scale[...], 0.0, jnp.log(100.0))
+
   def logits(self, image_embeds, text_embeds):
-    """logits_per_image [B_img, B_txt] = exp(logit_scale) * cosine."""
-    scale = jnp.exp(self.logit_scale[...])
-    return scale * layers.l2_normalize(image_embeds) @ layers.l2_normalize(text_embeds).T
+    """logits_per_image [B_img, B_txt] = exp(logit_scale) * cosine, from `embed_*` outputs."""
+    return self.itc_scale() * layers.l2_normalize(image_embeds) @ layers.l2_normalize(text_embeds).T
 
   def __call__(self, images, input_ids, attention_mask=None):
-    return self.logits(self.encode_image(images), self.encode_text(input_ids, attention_mask))
+    return self.logits(self.embed_image(images), self.embed_text(input_ids, attention_mask))
 
 
 class CLIP(_TwoTowers):
@@ -130,7 +152,7 @@ class CLIP(_TwoTowers):
     self.transformer = TextTransformer(t, rngs=rngs)
     self.ln_final = layers.layer_norm(t.width, t.ln_eps, rngs=rngs, dtype=dtype)
 
-  def encode_text(self, input_ids, attention_mask=None):
+  def embed_text(self, input_ids, attention_mask=None):
     """Token ids [B, T] (T <= context_length) -> text embeddings [B, E] (not normalised).
 
     Causal attention; the state at the end-of-text token is pooled (see CLIPTextConfig).
@@ -170,12 +192,7 @@ class ChineseCLIP(_TwoTowers):
     super().__init__(cfg, cfg.text.hidden_size, rngs=rngs)
     self.text_model = BertModel(cfg.text, rngs=rngs)
 
-  def encode_text(self, input_ids, attention_mask=None):
+  def embed_text(self, input_ids, attention_mask=None):
     """Token ids [B, T] -> text embeddings [B, E] (not normalised)."""
     cls = self.text_model(input_ids, attention_mask, mode='text')[:, 0]
     return cls @ self.text_projection[...].astype(cls.dtype)
-
-
-def build(cfg: CLIPConfig | ChineseCLIPConfig, *, seed: int = 0) -> CLIP | ChineseCLIP:
-  cls = ChineseCLIP if isinstance(cfg, ChineseCLIPConfig) else CLIP
-  return cls(cfg, rngs=nnx.Rngs(seed))

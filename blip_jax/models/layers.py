@@ -66,7 +66,7 @@ class CachedKV(NamedTuple):
   v: jax.Array
 
   @classmethod
-  def of(cls, k, v) -> 'CachedKV':
+  def of(cls, k, v) -> CachedKV:
     """From keys and values [B, T, H, D]."""
     return cls(k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
 

@@ -186,7 +186,3 @@ class OPTForCausalLM(nnx.Module):
                                             layers.cached_causal_bias(attention_mask, index, t),
                                             cache['layers'], index)
     return self.logits_from_hidden(hidden), {'index': index + t, 'layers': caches}
-
-
-def build(cfg: OPTConfig, *, seed: int = 0) -> OPTForCausalLM:
-  return OPTForCausalLM(cfg, rngs=nnx.Rngs(seed))

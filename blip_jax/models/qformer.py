@@ -24,8 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blip_jax.models import layers
-from blip_jax.models.bert import (BertAttention, BertConfig, BertIntermediate, BertSelfOutput,
-                                  OnlyMLMHead)
+from blip_jax.models.bert import BertAttention, BertConfig, BertIntermediate, BertSelfOutput, OnlyMLMHead
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,15 +1,33 @@
-"""Fields every training config has, with their defaults (configs/*.py start from `base()`)."""
+"""Fields every training config has, with their defaults (configs/*.py start from `base()`), and
+the helpers the config files share.
+
+`config.model` holds exactly the fields of the objective's model config class (`BlipConfig`,
+`Blip2Config`, `CLIPConfig`: `model_fields(blip.blip_config('base', 384))`), so every field can
+be overridden on the command line (`--config.model.vision.drop_path_rate=0.1`); the vocabulary
+size and special token ids are taken from the tokenizer (`blip_jax.registry.with_tokenizer`).
+`config.evals` names the evaluators (`blip_jax.evaluate.settings`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from blip_jax.models import blip, blip2, clip, opt, qformer, vit
+
+
+def model_fields(model_config) -> ml_collections.ConfigDict:
+  """A model config dataclass as a run config's `model` section (every field, nested)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(model_config))
 
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = 'pretrain'
+  c.objective = 'pretrain'  # blip_jax.train.objectives.OBJECTIVES
   c.seed = 0
-  c.model = ml_collections.ConfigDict()  # family-specific: see blip_jax.train.tasks.model_config
+  c.model = ml_collections.ConfigDict()  # the objective's model config fields: model_fields(...)
+  c.dtype = ''  # compute dtype of every tower ('bfloat16'; parameters stay float32); '' = config.model's
   c.init_from = ''  # a converted model directory (convert_torch_weights.py) to start from
   c.eval_only = False
   c.freeze = ()  # extra parameter-path regexes to keep frozen
@@ -50,6 +68,9 @@ def base() -> ml_collections.ConfigDict:
   c.optim.warmup_lr = 0.0
   c.optim.decay_rate = 0.9  # schedule='step': lr * decay_rate ** epoch
   c.optim.weight_decay = 0.05  # AdamW, on weight matrices only (blip_jax.train.optim)
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
   c.optim.grad_clip = 0.0  # clip the global gradient norm to this; 0 = off
   # Optimiser step every grad_accum micro-batches, on the mean of their gradients. That is one
   # grad_accum times larger batch only for losses that average over examples (captioning with
@@ -62,20 +83,8 @@ def base() -> ml_collections.ConfigDict:
   # leaf of at least fsdp_min_size elements is split over the fsdp axis (ZeRO-3 style).
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'fsdp_min_size': 1 << 14})
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 64
-  c.eval.k_test = 16  # ITM-reranked candidates per query (the originals: 256 COCO, 128 Flickr)
-  c.eval.caption_max_length = 30
-  c.eval.caption_min_length = 5
-  c.eval.num_beams = 1  # > 1: beam search (the originals evaluate captions with 3 beams)
-  c.eval.show_captions = 5
-  c.eval.meteor = False  # also caption/meteor (needs Java; the METEOR jar comes with pycocoevalcap)
-  # Zero-shot classification (zero_shot/top1, top5) with the ITC features of CLIP, BLIP or BLIP-2:
-  # `dataset` is any TFDS name (e.g. 'imagenet2012', 'cifar100', 'synthetic_scenes/small'); class
-  # i is label value first_label + i; class_names default to the label feature's names.
-  c.eval.zero_shot = ml_collections.ConfigDict({
-      'dataset': '', 'split': 'validation', 'image_key': 'image', 'label_key': 'label',
-      'class_names': (), 'first_label': 0, 'templates': ('a picture of a {}.',)})
+  # Evaluators on the eval split: {name: blip_jax.evaluate.settings(type, ...)}.
+  c.evals = ml_collections.ConfigDict()
 
   c.log_every_steps = 10
   c.checkpoint_every_steps = 0  # 0 = only the final checkpoint
@@ -84,47 +93,50 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def tiny_blip_model() -> ml_collections.ConfigDict:
-  """A BLIP small enough to train on 2 CPU cores in minutes (64 px in 8-px patches, 4+4 layers of
-  width 128): about 0.55 s per pretraining step at batch 32 on 2 cores."""
-  return ml_collections.ConfigDict({
-      'vit': 'base', 'image_size': 64, 'embed_dim': 64, 'queue_size': 1024, 'momentum': 0.995,
-      'vision': {'width': 128, 'depth': 4, 'num_heads': 4, 'mlp_dim': 512, 'patch_size': 8},
-      'text': {'hidden_size': 128, 'num_layers': 4, 'num_heads': 4, 'intermediate_size': 512,
-               'max_position_embeddings': 64},
-  })
+# ------------------------------------------------------------------------------ tiny models
+
+def tiny_blip() -> blip.BlipConfig:
+  """The `:tiny` BLIP of the tests: 32 px in 16-px patches, 2 + 2 layers of width 32."""
+  return blip.blip_config('base', 32, vision=dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=16),
+                          text=dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                    max_position_embeddings=32, merge_from_layer=1),
+                          embed_dim=16, queue_size=32)
 
 
-TINY_MODELS = {
-    'blip': {'vit': 'base', 'image_size': 32, 'embed_dim': 16, 'queue_size': 32,
-             'vision': {'width': 32, 'depth': 2, 'num_heads': 2, 'mlp_dim': 64, 'patch_size': 16},
-             'text': {'hidden_size': 32, 'num_layers': 2, 'num_heads': 2, 'intermediate_size': 64,
-                      'max_position_embeddings': 32, 'merge_from_layer': 1}},
-    'blip2': {'vit': 'eva_g', 'image_size': 32, 'embed_dim': 16,
-              'vision': {'width': 32, 'depth': 2, 'num_heads': 2, 'mlp_dim': 64, 'patch_size': 16},
-              'qformer': {'hidden_size': 32, 'num_layers': 2, 'num_heads': 2, 'intermediate_size': 64,
-                          'num_query_tokens': 4, 'max_position_embeddings': 32},
-              'opt': '125m',
-              'opt_overrides': {'hidden_size': 32, 'num_layers': 2, 'num_heads': 2, 'ffn_dim': 64,
-                                'max_position_embeddings': 64}},
-    'clip': {'variant': 'ViT-B/16', 'image_size': 32, 'embed_dim': 16,
-             'vision': {'width': 32, 'depth': 2, 'num_heads': 2, 'mlp_dim': 64, 'patch_size': 16},
-             'text': {'width': 32, 'num_layers': 2, 'num_heads': 2, 'context_length': 16}},
-}
+def tiny_blip2(stage2: bool = False) -> blip2.Blip2Config:
+  """The `:tiny` BLIP-2: an EVA-style ViT and a Q-Former of 2 layers, 4 queries; with `stage2` an
+  OPT of 2 layers instead of the Q-Former's text side."""
+  return blip2.Blip2Config(
+      vision=vit.vit_config('eva_g', image_size=32, width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=16),
+      qformer=qformer.QFormerConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, encoder_width=32,
+                                    num_query_tokens=4, max_position_embeddings=32, text_input=not stage2),
+      embed_dim=16,
+      opt=opt.OPTConfig(hidden_size=32, num_layers=2, num_heads=2, ffn_dim=64, max_position_embeddings=64)
+      if stage2 else None)
 
 
-def make_tiny(c: ml_collections.ConfigDict, family: str) -> ml_collections.ConfigDict:
-  """The `:tiny` variant of a config (what the tests run): the same task and recipe on
+def tiny_clip() -> clip.CLIPConfig:
+  return clip.clip_config('ViT-B/16', vision=dict(image_size=32, width=32, depth=2, num_heads=2, mlp_dim=64,
+                                                  patch_size=16),
+                          text=dict(width=32, num_layers=2, num_heads=2, context_length=16), embed_dim=16)
+
+
+def make_tiny(c: ml_collections.ConfigDict, model_config) -> ml_collections.ConfigDict:
+  """The `:tiny` variant of a config (what the tests run): the same objective and recipe on
   `synthetic_scenes/tiny` with a tiny model of its family, a few steps at batch 8, no init_from."""
   c.init_from = ''
-  c.model = ml_collections.ConfigDict(TINY_MODELS[family])
+  c.model = model_fields(model_config)
   c.data.update(name='synthetic_scenes/tiny', vocab='', task='', image_root='', text_length=16, answer_length=6,
                 flip=False)
   c.data.annotations = ml_collections.ConfigDict({'train': '', 'validation': '', 'test': ''})
   c.data.train_split, c.data.eval_split = 'train', 'validation'
   c.batch_size, c.num_epochs, c.num_steps = 8, 1, 4
   c.optim.warmup_steps = min(c.optim.warmup_steps, 2)
-  c.eval.batch_size, c.eval.k_test = 8, 4
-  c.eval.caption_max_length = 8
+  for evaluator in c.evals.values():
+    evaluator.batch_size = 8
+    if 'k_test' in evaluator and evaluator.k_test:
+      evaluator.k_test = 4
+    if 'max_length' in evaluator:
+      evaluator.max_length = 8
   c.log_every_steps = 1
   return c

@@ -38,10 +38,10 @@ NO_DECAY = re.compile(r'(embeddings|embed_positions|embed_tokens|token_embedding
 
 def schedule(cfg, steps_per_epoch: int, num_epochs: int):
   """The learning rate as a function of the optimiser step (jnp-traceable)."""
-  name, init, min_lr = cfg.schedule, cfg.lr, cfg.get('min_lr', 0.0)
+  name, init, min_lr = cfg.schedule, cfg.lr, cfg.min_lr
   if name not in SCHEDULES:
     raise ValueError(f'optim.schedule must be one of {SCHEDULES}, got {name!r}')
-  warmup, warmup_lr = cfg.get('warmup_steps', 0), cfg.get('warmup_lr', 0.0)
+  warmup, warmup_lr = cfg.warmup_steps, cfg.warmup_lr
 
   if name == 'cosine' and warmup:
     raise ValueError(f'optim.schedule=cosine has no warmup (got warmup_steps={warmup}); '
@@ -51,7 +51,7 @@ def schedule(cfg, steps_per_epoch: int, num_epochs: int):
     epoch = (step // steps_per_epoch).astype(jnp.float32)
     cosine = min_lr + (init - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * epoch / max(num_epochs, 1)))
     after = {'cosine': cosine, 'warmup_cosine': cosine, 'constant': jnp.full((), init, jnp.float32),
-             'step': jnp.maximum(min_lr, init * cfg.get('decay_rate', 1.0) ** epoch)}[name]
+             'step': jnp.maximum(min_lr, init * cfg.decay_rate ** epoch)}[name]
     if warmup == 0:
       return after
     ramp = jnp.minimum(init, warmup_lr + (init - warmup_lr) * step / warmup)
@@ -76,11 +76,10 @@ def optimizer(cfg, steps_per_epoch: int, num_epochs: int) -> optax.GradientTrans
   """AdamW (decay 0.05 by default) on the schedule, optional clipping and accumulation."""
   lr = schedule(cfg, steps_per_epoch, num_epochs)
   parts = []
-  if cfg.get('grad_clip'):
+  if cfg.grad_clip:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  parts.append(optax.adamw(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.999), eps=cfg.get('eps', 1e-8),
-                           weight_decay=cfg.get('weight_decay', 0.05), mask=decay_mask))
+  parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
   tx = optax.chain(*parts)
-  if cfg.get('grad_accum', 1) > 1:
+  if cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
   return tx

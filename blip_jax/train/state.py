@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from blip_jax.train import tasks as tasks_lib
+from blip_jax.train.objectives import Objective
 from blip_jax.train.optim import path_name
 
 MOMENTUM = r'^[a-z_]+_m\.'  # visual_encoder_m., text_proj_m., ...: updated by EMA, not by gradients
@@ -68,15 +69,15 @@ def trainable_filter(frozen: tuple[str, ...]):
 
 
 class Trainer:
-  """Builds the sharded state of a task's model and runs its jitted step."""
+  """Builds the sharded state of an objective's model and runs its jitted step."""
 
-  def __init__(self, task: tasks_lib.Task, build_model, tx: optax.GradientTransformation, mesh: Mesh, *,
+  def __init__(self, objective: Objective, build_model, tx: optax.GradientTransformation, mesh: Mesh, *,
                frozen: tuple[str, ...] = (), alpha_fn=lambda step: 0.0, loss_kwargs=None, seed: int = 0,
                fsdp_min_size: int = FSDP_MIN_SIZE):
-    self.task, self.build_model, self.tx, self.mesh = task, build_model, tx, mesh
+    self.objective, self.build_model, self.tx, self.mesh = objective, build_model, tx, mesh
     self.alpha_fn, self.seed = alpha_fn, seed
     self.loss_kwargs = loss_kwargs or {}
-    self.trainable = trainable_filter((*task.frozen, *frozen))
+    self.trainable = trainable_filter((*objective.frozen, *frozen))
     abstract = nnx.eval_shape(build_model)
     self.graphdef, _, rest = nnx.split(abstract, self.trainable, ...)
     self.is_key = jax.tree.map(lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key), rest)
@@ -121,7 +122,7 @@ class Trainer:
     rng = jax.random.fold_in(state['rng'], state['step'])
     alpha = self.alpha_fn(state['step'])
     rest = state['rest']
-    if self.task.momentum:  # p_m <- m p_m + (1 - m) p, before the momentum features (the originals' order)
+    if self.objective.momentum:  # p_m <- m p_m + (1 - m) p, before the momentum features (the originals' order)
       model = self._merge(state['params'], rest)
       model.update_momentum()
       _, rest = self._split(model)
@@ -131,14 +132,15 @@ class Trainer:
       # state leaves the step, so the graphdef (and every model evaluated from it) stays in
       # inference mode.
       model = nnx.view(self._merge(params, rest), deterministic=False, raise_if_not_found=False)
-      loss, terms = self.task.loss(model, batch, rng, alpha, **self.loss_kwargs)
+      loss, terms = self.objective.loss(model, batch, rng, alpha, **self.loss_kwargs)
       return loss, (terms, self._split(model)[1])
 
     (loss, (terms, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     new_rest = jax.lax.stop_gradient(new_rest)
     updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
     model = self._merge(optax.apply_updates(state['params'], updates), new_rest)
-    tasks_lib.after_update(model)
+    if hasattr(model, 'after_update'):  # the originals' clamps (BLIP's temp, CLIP's logit scale)
+      model.after_update()
     params, new_rest = self._split(model)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

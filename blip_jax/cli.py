@@ -1,0 +1,27 @@
+"""The command-line convention of every blip_jax command (`blip-jax-train`, `-convert`, `-predict`,
+`-capfilt`): bad input (a missing file, a wrong checkpoint, an option out of range) is one line
+`error: ...` on stderr and exit status 2, like argparse's own usage errors; anything else is a
+bug and shows its traceback (status 1)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+# What the project raises for input a user can fix (ConversionError, ImageError, InputError and
+# the config errors are ValueErrors; missing or unreadable files are OSErrors).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class InputError(ValueError):
+  """Bad command-line input."""
+
+
+def main(run: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> int:
+  """`run(argv)` with the convention above; returns the exit status."""
+  try:
+    run(sys.argv[1:] if argv is None else list(argv))
+  except USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0

@@ -1,0 +1,110 @@
+"""Checkpoint reading and the errors a user sees for a checkpoint that does not fit."""
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import transformers
+from flax import nnx
+
+from blip_jax.convert import ConversionError, load_torch
+from blip_jax.testing.torch_refs import OVERRIDES, assert_close, build_hf, images, nhwc, to_salesforce
+
+
+@pytest.fixture(scope='module')
+def hf_caption():
+  return build_hf(transformers.BlipForConditionalGeneration)
+
+
+def test_hf_folder_reads_config_json_and_detects_the_task(tmp_path, hf_caption):
+  hf_caption.save_pretrained(tmp_path)  # config.json + model.safetensors
+  model, cfg, report = load_torch(tmp_path)  # heads, eps and token ids come from config.json
+  assert report.task == 'caption' and report.layout == 'huggingface'
+  assert (cfg.vision.num_heads, cfg.text.num_heads, cfg.bos_token_id) == (2, 2, 97)
+  x = images()
+  with torch.no_grad():
+    ref = hf_caption.vision_model(x).last_hidden_state
+  assert_close(model.image_embeds(nhwc(x)), ref, 'vision states from an HF folder')
+
+
+def test_safetensors_and_module_prefix(tmp_path, hf_caption):
+  sd = {f'module.{k}': v.contiguous() for k, v in to_salesforce(hf_caption.state_dict()).items()}
+  path = tmp_path / 'weights.safetensors'
+  safetensors.torch.save_file(sd, path)
+  from_file, _, _ = load_torch(path, **OVERRIDES)
+  from_dict, _, _ = load_torch(hf_caption.state_dict(), **OVERRIDES)
+  for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(from_file, nnx.Param)),
+                            nnx.to_flat_state(nnx.state(from_dict, nnx.Param))):
+    np.testing.assert_array_equal(a[...], b[...], err_msg=str(p))
+
+
+def test_unknown_key_is_named(hf_caption):
+  sd = dict(hf_caption.state_dict())
+  sd['text_decoder.bert.encoder.layer.0.attention.self.extra.weight'] = torch.zeros(3)
+  with pytest.raises(ConversionError, match=r'attention\.self\.extra\.weight'):
+    load_torch(sd, **OVERRIDES)
+  # strict=False converts and lists it instead.
+  _, _, report = load_torch(sd, strict=False, **OVERRIDES)
+  assert 'text_decoder.bert.encoder.layer.0.attention.self.extra.weight' in report.skipped
+
+
+def test_missing_key_is_named(hf_caption):
+  sd = dict(hf_caption.state_dict())
+  del sd['text_decoder.bert.encoder.layer.1.intermediate.dense.bias']
+  with pytest.raises(ConversionError, match=r"missing key 'text_decoder\.bert\.encoder\.layer\.1\.intermediate\.dense\.bias'"):
+    load_torch(sd, **OVERRIDES)
+
+
+def test_shape_mismatch_names_key_and_shapes(hf_caption):
+  sd = dict(hf_caption.state_dict())
+  key = 'text_decoder.bert.encoder.layer.0.output.dense.weight'
+  sd[key] = torch.zeros(24, 36)
+  with pytest.raises(ConversionError, match=r"layer\.0\.output\.dense\.weight'.*\(24, 36\).*\(37, 24\)"):
+    load_torch(sd, **OVERRIDES)
+
+
+def test_checkpoint_of_another_family_is_refused():
+  torch.manual_seed(0)
+  clip = transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=dict(hidden_size=16, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2),
+      vision_config=dict(hidden_size=16, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                         image_size=32, patch_size=8)))
+  with pytest.raises(ConversionError, match='not a BLIP checkpoint'):
+    load_torch(clip.state_dict(), family='blip', task='retrieval')
+  # Detected as what it is, a BLIP task is no task of that family.
+  with pytest.raises(ConversionError, match="unknown clip task 'retrieval'"):
+    load_torch(clip.state_dict(), task='retrieval')
+
+
+def test_wrong_task_is_refused(hf_caption):
+  with pytest.raises(ConversionError, match='missing key'):
+    load_torch(hf_caption.state_dict(), task='retrieval', **OVERRIDES)
+  with pytest.raises(ConversionError, match="unknown blip task 'captioning'"):
+    load_torch(hf_caption.state_dict(), task='captioning', **OVERRIDES)
+
+
+def test_missing_file_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match='nothing.pth'):
+    load_torch(tmp_path / 'nothing.pth')
+
+
+def test_momentum_copies_start_from_the_online_weights_when_absent():
+  hf = build_hf(transformers.BlipForImageTextRetrieval)
+  model, cfg, report = load_torch(hf.state_dict(), keep_training_state=True, **OVERRIDES)
+  assert cfg.with_momentum and 'text_proj_m.weight' in report.missing
+  np.testing.assert_array_equal(model.text_proj_m.kernel[...], hf.text_proj.weight.detach().numpy().T)
+
+
+@pytest.mark.parametrize('weights', ['sharded', 'pytorch_model.bin'])
+def test_hf_folder_formats(tmp_path, hf_caption, weights):
+  if weights == 'sharded':  # several *.safetensors + model.safetensors.index.json
+    hf_caption.save_pretrained(tmp_path, max_shard_size='20KB')
+    assert (tmp_path / 'model.safetensors.index.json').exists()
+  else:  # older HF folders: config.json + a pickle
+    hf_caption.config.save_pretrained(tmp_path)
+    torch.save(hf_caption.state_dict(), tmp_path / 'pytorch_model.bin')
+  model, _, _ = load_torch(tmp_path)
+  x = images()
+  with torch.no_grad():
+    ref = hf_caption.vision_model(x).last_hidden_state
+  assert_close(model.image_embeds(nhwc(x)), ref, 'vision states')
