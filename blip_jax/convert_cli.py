@@ -80,8 +80,8 @@ def find_tokenizer(args, family, sources):
   """(tokenizer, source name) to store: --tokenizer, else the sources' own files, else the family's
   usual tokenizer from the HF cache; (None, hub id) when that is not there (it is then fetched
   when the model is first loaded)."""
+  from blip_jax import hub
   from blip_jax.data import tokenizer as tokenizers
-  from blip_jax.inference import hub
   if args.tokenizer:
     where = args.tokenizer
     if hub.looks_like_hub_id(where):

@@ -136,7 +136,7 @@ def load_tokenizer(model_dir):
   tok = tokenizers.from_folder(model_dir, family.tokenizer)
   source = read_config(model_dir).get('tokenizer', '')
   if tok is None and source:
-    from blip_jax.inference import hub
+    from blip_jax import hub
     tok = tokenizers.from_folder(hub.resolve(source, allow_patterns=hub.TOKENIZER_FILES), family.tokenizer)
   if tok is None:
     raise ValueError(f'{model_dir} holds no tokenizer (vocab.txt or tokenizer/): convert it again with --tokenizer '

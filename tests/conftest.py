@@ -5,9 +5,15 @@ helpers live in `tests/helpers/`. The PyTorch references are `blip_jax.testing.t
 """
 
 import os
+import tempfile
 
 # The tests never reach for the Hub: they lay out their own HF caches (tests/inference).
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+# One persistent XLA compilation cache for the test processes and the train.py / CapFilt / predict
+# processes they start (inherited through the environment): the same tiny programs compile in
+# several of them. A cache hit is the executable a compilation would produce; nothing else changes.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'blip_jax_tests_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 import pytest  # noqa: E402
 from filelock import FileLock  # noqa: E402

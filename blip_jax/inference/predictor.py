@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from blip_jax import generate, model_io, registry
+from blip_jax import generate, hub, model_io, registry
 from blip_jax.data.preprocess import eval_transform
-from blip_jax.inference import hub
 from blip_jax.inference.images import to_rgb
 from blip_jax.zero_shot import check_templates, ensemble_prompts
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import time
 
 import jax
@@ -43,9 +42,8 @@ def model_config(config, objective: objectives.Objective, tokenizer):
   `init_from`, the checkpoint's own with the family's training fields (queue size, momentum)
   from `config.model`; then the objective's structural fields and `config.dtype`."""
   family = registry.get(objective.family)
-  from_run = registry.with_tokenizer(registry.config_from_dict(family.config_cls, config.model.to_dict(),
-                                                               where='config.model'), tokenizer)
-  cfg = from_run
+  cfg = from_run = registry.with_tokenizer(
+      registry.config_from_dict(family.config_cls, config.model.to_dict(), where='config.model'), tokenizer)
   if config.init_from:
     ckpt_family, _, cfg = model_io.model_config(config.init_from)
     if ckpt_family is not family:
@@ -186,9 +184,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       _say(f'  generated: {text!r}\n      truth: {refs[0]!r}')
   if not config.eval_only:
     model_dir = os.path.join(workdir, 'model')
-    model_io.save(model_dir, trainer.model(state), model_cfg, task=objective.task)
-    if distributed.is_primary():
-      shutil.copy(tokenizer.vocab_file, os.path.join(model_dir, 'vocab.txt'))  # what blip_jax.predict reads
+    model_io.save(model_dir, trainer.model(state), model_cfg, task=objective.task, tokenizer=tokenizer)
   curve = writer.plot()
   if curve:
     _say(f'curves: {curve}\nmetrics: {writer.path}')
