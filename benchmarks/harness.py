@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.settings import BF16_TOL, RUN, TOL, configure, log, torch_autocast, torch_sync
 from blip_jax.convert.readers import to_numpy
+from blip_jax.models import layers
 
 
 @dataclasses.dataclass
@@ -42,6 +43,7 @@ class Workload:
   # FLOPs that XLA's cost analysis misses: it counts a while-loop body once, not per iteration.
   extra_flops: Callable[[], float] | None = None
   grad: bool = False
+  torch_attention: str = ''  # the PyTorch side's attention implementation (HF's `attn_implementation`)
 
 
 def as_numpy(tree) -> list[np.ndarray]:
@@ -204,15 +206,16 @@ def _side_main(conn, name: str, scale: str, side: str, torch_threads: int, dtype
       w.torch_fn = w.torch_result = None
       _release_memory()
       start = time.perf_counter()
+      layers.PATHS_USED.clear()
       run, flops = jax_runner(w)
       result = w.jax_result or as_numpy
       conn.send(('ready', {'flops': flops, 'compile_s': time.perf_counter() - start, 'size': w.size,
-                           'items': w.items}))
+                           'items': w.items, 'attention': '+'.join(sorted(layers.PATHS_USED)) or '-'}))
     else:
       w.jax_fn = w.jax_args = w.jax_result = w.carry = w.extra_flops = None
       _release_memory()
       run, result = torch_runner(w), w.torch_result or as_numpy
-      conn.send(('ready', {}))
+      conn.send(('ready', {'attention': w.torch_attention or '-'}))
     while True:
       command = conn.recv()
       if command == 'first':
@@ -320,6 +323,7 @@ def run_workload(name: str, scale: str, repeats: int, peaks: dict[str, float], *
       jax_times = [jax_side.call('time') for _ in range(repeats)]
       stop(jax_side)
     torch_side = start('torch')
+    row['attention'] = {'jax': info['attention'], 'torch': torch_side.info['attention']}
     row.update(differences(jax_out, torch_side.call('first')))
     del jax_out
     log(f'[{name}] JAX vs PyTorch: ' + ', '.join(f'{key} {row[key]:.3g}' for key in

@@ -47,11 +47,13 @@ def table(rows: list[dict]) -> str:
              ('gflops', 'GFLOP', '{:.1f}'), ('gflops_per_s', 'GFLOP/s', '{:.1f}'),
              ('peak_fraction', 'of peak', '{:.0%}'), ('mfu', 'MFU', '{:.0%}'), ('max_abs_diff', 'max diff', '{:.1e}'),
              ('max_rel_diff', 'max rel diff', '{:.1e}'), ('token_agreement', 'same tokens', '{:.0%}'),
-             ('rss', 'peak RSS GiB jax/torch/both', '{}')]
+             ('rss', 'peak RSS GiB jax/torch/both', '{}'), ('attn', 'attention jax/torch', '{}')]
   cells = [[title for _, title, _ in columns]]
   for row in rows:
     rss = row.get('peak_rss_gib', {})
-    row = {**row, 'rss': '/'.join(f'{rss[k]:.1f}' if k in rss else '-' for k in ('jax', 'torch', 'both'))}
+    attention = row.get('attention', {})
+    row = {**row, 'rss': '/'.join(f'{rss[k]:.1f}' if k in rss else '-' for k in ('jax', 'torch', 'both')),
+           'attn': f'{attention.get("jax", "-")}/{attention.get("torch", "-")}'}
     cells.append([fmt.format(row[key]) if row.get(key) is not None else '-' for key, _, fmt in columns])
   widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
   lines = ['  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]

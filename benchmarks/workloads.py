@@ -49,6 +49,11 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
   return model.eval()
 
 
+def attention_of(hf) -> str:
+  """The HF model's attention implementation (`attn_implementation`: 'sdpa', 'eager', ...)."""
+  return getattr(hf.config, '_attn_implementation', None) or 'eager'
+
+
 def split_jit(model: nnx.Module, fn: Callable):
   """`jax.jit(fn(model, *inputs))` as a pure function of the model's state, the project's hot
   path (split once, merge inside jit; closing over the model would bake the weights into the
@@ -107,7 +112,7 @@ def blip_vit(scale: str) -> Workload:
   x, x_nhwc = image_batch(batch, size)
   fn, state = split_jit(model, lambda m, images: m.image_embeds(images))
   return Workload(f'ViT-B/16 x{layers} layers, {size}px, batch {batch}', batch, fn, (state, x_nhwc),
-                  lambda: hf.vision_model(pixel_values=x).last_hidden_state)
+                  lambda: hf.vision_model(pixel_values=x).last_hidden_state, torch_attention=attention_of(hf))
 
 
 def blip_text_itm(scale: str) -> Workload:
@@ -133,7 +138,7 @@ def blip_text_itm(scale: str) -> Workload:
 
   fn, state = split_jit(model, ours)
   return Workload(f'BERT-base x{layers} layers, 35 tokens, {tokens} image tokens, batch {batch}', batch, fn,
-                  (state, image_states, ids, mask), theirs)
+                  (state, image_states, ids, mask), theirs, torch_attention=attention_of(hf))
 
 
 def blip_train(scale: str) -> Workload:
@@ -176,7 +181,8 @@ def blip_train(scale: str) -> Workload:
 
   return Workload(f'ITC+ITM step, ViT-B/16 x{layers} + BERT x{layers}, {size}px, batch {batch}', batch,
                   trainer.step_fn, (state, data), lambda: step(*t_args), jax_result=jax_result,
-                  torch_result=torch_result, carry=lambda out, args: (out[0], args[1]), grad=True)
+                  torch_result=torch_result, carry=lambda out, args: (out[0], args[1]), grad=True,
+                  torch_attention=attention_of(hf))
 
 
 def decode_step_flops(model, decoder_of, condition, images, prompt_rows: int, max_length: int) -> float:
@@ -197,7 +203,7 @@ def decode_step_flops(model, decoder_of, condition, images, prompt_rows: int, ma
 
 
 def decoding(model, decoder_of, condition, search, x_nhwc, prompt, *, rows: int, max_length: int,
-             torch_fn, size: str) -> Workload:
+             torch_fn, size: str, torch_attention: str) -> Workload:
   """Image -> tokens under one jit: `search(decoder, condition(model, images), prompt)`. The
   minimum length equals the maximum, so every sequence runs all steps on both sides."""
   fn, state = split_jit(model, lambda m, images, prompt: search(decoder_of(m), condition(m, images), prompt))
@@ -205,7 +211,8 @@ def decoding(model, decoder_of, condition, search, x_nhwc, prompt, *, rows: int,
   # iteration (none after the last token), and XLA's cost analysis counts its body once.
   iterations = max_length - prompt.shape[1] - 1
   extra = lambda: max(iterations - 1, 0) * decode_step_flops(model, decoder_of, condition, x_nhwc, rows, max_length)
-  return Workload(size, prompt.shape[0], fn, (state, x_nhwc, prompt), torch_fn, extra_flops=extra)
+  return Workload(size, prompt.shape[0], fn, (state, x_nhwc, prompt), torch_fn, extra_flops=extra,
+                  torch_attention=torch_attention)
 
 
 def blip_caption(scale: str) -> Workload:
@@ -228,7 +235,7 @@ def blip_caption(scale: str) -> Workload:
 
   return decoding(model, lambda m: m.text_decoder, lambda m, images: m.image_embeds(images),
                   lambda *a: search(*a)[0][:, 0], x_nhwc, prompt, rows=batch * beams, max_length=max_length,
-                  torch_fn=theirs, size=f'ViT-B/16 x{layers} + decoder x{layers}, {size}px, '
+                  torch_fn=theirs, torch_attention=attention_of(hf), size=f'ViT-B/16 x{layers} + decoder x{layers}, {size}px, '
                                         f'{beams} beams x {new} tokens, batch {batch}')
 
 
@@ -267,7 +274,7 @@ def blip2_qformer(scale: str) -> Workload:
 
   fn, state = split_jit(model, lambda m, s: m.image_features(s))
   return Workload(f'Q-Former x{layers} layers, 32 queries, 257x1408 image states, batch {batch}', batch, fn,
-                  (state, states), theirs)
+                  (state, states), theirs, torch_attention=attention_of(hf))
 
 
 def blip2_opt(scale: str) -> Workload:
@@ -292,7 +299,7 @@ def blip2_opt(scale: str) -> Workload:
                        max_length=queries + max_length, min_length=queries + max_length)[:, queries:]
 
   return decoding(model, lambda m: m.decoder, lambda m, images: m.prefix(m.image_embeds(images)), search, x_nhwc,
-                  prompt, rows=batch, max_length=max_length, torch_fn=theirs,
+                  prompt, rows=batch, max_length=max_length, torch_fn=theirs, torch_attention=attention_of(hf),
                   size=f'ViT-g x1 + Q-Former x{layers} + OPT-125m x{opt_layers}, {size}px, greedy {new} tokens, '
                        f'batch {batch}')
 
@@ -322,7 +329,8 @@ def clip(scale: str) -> Workload:
   t_ids = torch_ids(ids)
   fn, state = split_jit(model, lambda m, images, ids: (m.embed_image(images), m.embed_text(ids)))
   return Workload(f'ViT-B/16 x{layers} + text x{layers}, {size}px, 77 tokens, batch {batch}', batch, fn,
-                  (state, x_nhwc, ids), lambda: (ref.encode_image(x), ref.encode_text(t_ids)))
+                  (state, x_nhwc, ids), lambda: (ref.encode_image(x), ref.encode_text(t_ids)),
+                  torch_attention='nn.MultiheadAttention')  # open_clip's; it calls scaled_dot_product_attention
 
 
 WORKLOADS = {'blip_vit': blip_vit, 'blip_text_itm': blip_text_itm, 'blip_train': blip_train,

@@ -83,7 +83,9 @@ def dot_product_attention(q, k, v, bias=None, dropout: nnx.Dropout | None = None
   samples of one image share its cross-attention keys/values instead of G copies). `bias` then
   broadcasts to [B, H, Tq, Tk] or [B * G, H, Tq, Tk].
 
-  On CPU, large scores are computed a head at a time (`HEAD_AT_A_TIME_BYTES`); same result.
+  The implementation is chosen per call (`attention_path`): cuDNN's fused flash attention on
+  NVIDIA GPUs in bf16 / fp16, a head at a time for large scores on CPU, the formula otherwise;
+  each computes the same function.
   """
   cached = isinstance(k, CachedKV)
   if cached:
@@ -100,7 +102,14 @@ def dot_product_attention(q, k, v, bias=None, dropout: nnx.Dropout | None = None
     out = dot_product_attention(q, CachedKV(k, v) if cached else k, None if cached else v, bias, dropout)
     return out.reshape(rows * groups, tq, *out.shape[2:])
   scale = q.shape[-1] ** -0.5
-  if not cached and _head_at_a_time(q, k, dropout):
+  path = attention_path(q, k, dropout, cached=cached)
+  if path == 'cudnn':
+    out = fused_attention(q, k, v, bias, scale, 'cudnn')
+    if out is not None:
+      return out
+    path = 'xla'  # shapes or masks cuDNN does not take: the formula (recorded as such)
+  PATHS_USED.add(path)
+  if path == 'by_head':
     return _attention_by_head(q, k, v, bias, scale)
   logits = jnp.einsum('bqhd,bhdk->bhqk' if cached else 'bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * scale
   if bias is not None:
@@ -111,6 +120,55 @@ def dot_product_attention(q, k, v, bias=None, dropout: nnx.Dropout | None = None
   if cached:  # heads-major out, then [B, Tq, H, D]: a few queries, so the transpose is small (9x faster on CPU)
     return jnp.einsum('bhqk,bhkd->bhqd', probs, v).swapaxes(1, 2)
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+# The attention paths taken by the calls traced so far (the benchmark reports them).
+PATHS_USED: set[str] = set()
+FLASH_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _dropout_on(dropout) -> bool:
+  return dropout is not None and not dropout.deterministic and dropout.rate > 0
+
+
+def attention_path(q, k, dropout=None, *, cached: bool = False, backend: str | None = None,
+                   device_kind: str | None = None) -> str:
+  """Which implementation `dot_product_attention` uses:
+
+  - 'cudnn': NVIDIA GPUs, bf16 / fp16 queries, no dropout on the probabilities (cuDNN's fused
+    kernel has no such dropout), a head size that is a multiple of 8 up to 128, keys and values
+    not read from a decoding cache (those are stored heads-major for the one-query steps);
+  - 'by_head': CPU, scores above `HEAD_AT_A_TIME_BYTES`, no dropout (see `_attention_by_head`);
+  - 'xla': the formula in one pass (TPUs, fp32 on GPUs, decoding steps, training with attention
+    dropout).
+  `backend` / `device_kind` default to JAX's (tests pass them to check the rule on a CPU).
+  """
+  backend = backend or jax.default_backend()
+  if backend == 'gpu':
+    kind = (device_kind or jax.devices()[0].device_kind).lower()
+    nvidia = not any(name in kind for name in ('amd', 'radeon', 'instinct', 'mi2', 'mi3'))
+    if (nvidia and not cached and not _dropout_on(dropout) and q.dtype in FLASH_DTYPES
+        and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128):
+      return 'cudnn'
+  if backend == 'cpu' and not cached and _head_at_a_time(q, k, dropout):
+    return 'by_head'
+  return 'xla'
+
+
+def fused_attention(q, k, v, bias, scale, implementation: str):
+  """`jax.nn.dot_product_attention` with our conventions ([B, T, H, D], an additive bias that
+  broadcasts to [B, H, Tq, Tk]); None when `implementation` does not take these inputs. The bias
+  is given in the compute dtype (BERT's -10000 for masked keys stays a masked key)."""
+  if bias is not None:
+    bias = jnp.broadcast_to(jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape),
+                            (q.shape[0], bias.shape[-3] if bias.ndim >= 3 else 1, q.shape[1], k.shape[1]))
+    bias = bias.astype(q.dtype)
+  try:
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
+  except (ValueError, NotImplementedError, TypeError):  # checked when traced, so a fallback costs nothing
+    return None
+  PATHS_USED.add(implementation)
+  return out
 
 
 # On CPU, attention whose scores [B, H, Tq, Tk] would take more than this many bytes runs one
@@ -126,9 +184,8 @@ HEAD_AT_A_TIME_BYTES = 4 * 2**20
 
 def _head_at_a_time(q, k, dropout) -> bool:
   # Dropout on the probabilities would need a random stream per head; it is on only in training.
-  dropout_on = dropout is not None and not dropout.deterministic and dropout.rate > 0
   scores = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] * 4
-  return jax.default_backend() == 'cpu' and not dropout_on and scores > HEAD_AT_A_TIME_BYTES
+  return not _dropout_on(dropout) and scores > HEAD_AT_A_TIME_BYTES
 
 
 def _attention_by_head(q, k, v, bias, scale):
