@@ -19,7 +19,7 @@ from blip_jax.convert.readers import read_checkpoints
 
 def parse_args(argv):
   p = argparse.ArgumentParser(
-      prog='convert_torch_weights.py',
+      prog='blip-jax-convert',
       description='Convert released PyTorch checkpoints (Salesforce BLIP .pth, OpenAI CLIP .pt, '
                   'open_clip / HF .bin / .safetensors / folders) into a blip_jax model directory.')
   p.add_argument('sources', nargs='+', metavar='SOURCE', help='checkpoint files or HF folders')

@@ -167,7 +167,7 @@ class Run:
 
 
 def parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog='python -m blip_jax.capfilt', description=__doc__.split('\n\n')[0],
+  ap = argparse.ArgumentParser(prog='blip-jax-capfilt', description=__doc__.split('\n\n')[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--captioner', required=True, help='a BLIP caption or pretrain model directory')
   ap.add_argument('--filter', required=True, help='a BLIP retrieval (ITM) or pretrain model directory')
