@@ -193,6 +193,7 @@ def test_two_processes_write_what_one_writes(scenes, trained, full, tmp_path):
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'blip_jax.capfilt', *map(str, _argv(scenes, trained[0], out, '--copy-split', 'validation'))],
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo',
+           'JAX_ENABLE_COMPILATION_CACHE': 'false',  # as tests/helpers/process_group.py says
            'JAX_COORDINATOR_ADDRESS': f'localhost:{port}', 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)},
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) for i in range(2)]
   for proc in procs:

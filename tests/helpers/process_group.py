@@ -16,5 +16,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def join(args: argparse.Namespace) -> None:
   """Joins the job when there is more than one process; call before JAX touches a device."""
   if args.num_processes > 1:
+    # No persistent compilation cache: a process that finds its programs there while the other
+    # compiles them would wait at the first collective past gloo's 30 s deadline.
+    jax.config.update('jax_enable_compilation_cache', False)
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(f'localhost:{args.port}', args.num_processes, args.process_id)

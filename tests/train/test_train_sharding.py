@@ -131,8 +131,10 @@ def _train_py(workdir, data_dir, devices, env=(), args=()):
 def _two_hosts(workdir, data_dir, *args):
   """`train.py` as two hosts of one device each, joined over localhost; returns their outputs."""
   port = _free_port()
+  # No persistent compilation cache for the two (tests/helpers/process_group.py says why).
   procs = [_train_py(workdir, data_dir, 1, {'JAX_COORDINATOR_ADDRESS': f'localhost:{port}',
-                                            'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)}, args)
+                                            'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i),
+                                            'JAX_ENABLE_COMPILATION_CACHE': 'false'}, args)
            for i in range(2)]
   outputs = [proc.communicate(timeout=600)[0] for proc in procs]
   for proc, output in zip(procs, outputs):
