@@ -15,16 +15,13 @@ ROLES = {'--captioner': ('image_embeds', 'caption_decoder'), '--filter': ('image
 def check_model_dir(path: str, flag: str):
   """The model's (family, task, config), after checking (without loading weights) that it can
   play `flag`'s role and carries a WordPiece vocabulary."""
-  from flax import nnx
-
   from blip_jax import model_io
   if not model_io.is_model_dir(path):
     reason = 'no such directory' if not os.path.isdir(path) else f'no blip_jax {model_io.CONFIG_FILE}'
     raise InputError(f'{flag} {path}: not a blip_jax model directory ({reason}); use a training run\'s model/ '
                      'folder or convert a checkpoint with convert_torch_weights.py')
   family, task, config = model_io.model_config(path)
-  abstract = nnx.eval_shape(lambda: family.build(task, config))
-  missing = [m for m in ROLES[flag] if not hasattr(abstract, m)]
+  missing = [m for m in ROLES[flag] if not hasattr(family.tasks[task], m)]
   if missing:
     role = 'a text decoder' if flag == '--captioner' else 'an ITM head'
     raise InputError(f'{flag} {path}: a {family.name} {task} model has no {", ".join(missing)}; the {flag[2:]} needs '

@@ -58,7 +58,9 @@ class Predictor:
     self.batch_size = -(-batch_size // self.mesh.size) * self.mesh.size  # a multiple of the devices
     self.graphdef, state = nnx.split(model)
     self.state = jax.device_put(state, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-    self.abstract = model
+    # What the model can do is asked of its class: keeping the model itself would hold a second
+    # copy of the weights beside the replicated state.
+    self.model_class = type(model)
     self._rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec('data'))
     self._jitted: dict[str, Callable] = {}
     self.image_size = config.vision.image_size if hasattr(config, 'vision') else None
@@ -122,10 +124,10 @@ class Predictor:
 
   # ------------------------------------------------------------------ running
   def require(self, what: str, *methods: str) -> None:
-    missing = [m for m in methods if not hasattr(self.abstract, m)]
+    missing = [m for m in methods if not hasattr(self.model_class, m)]
     if missing:
       raise ValueError(f'{what} needs a model with {", ".join(missing)}; this is a {self.family.name} {self.task} '
-                       f'model ({type(self.abstract).__name__})')
+                       f'model ({self.model_class.__name__})')
 
   def run(self, name: str, fn: Callable, *args):
     """`fn(model, *args)` jitted once per name (and shapes) on the split state."""
@@ -262,14 +264,14 @@ class Predictor:
     LLM: generated from LAVIS's prompt ('Question: {} Short answer:', beam 5, 10 new tokens)."""
     if not questions:
       raise ValueError('vqa needs at least one question')
-    if hasattr(self.abstract, 'question_states'):
+    if hasattr(self.model_class, 'question_states'):
       return self._vqa_question_states(images, questions, answers, num_beams or 3)
     if answers is not None:
       raise ValueError(f'answers= (ranking a list) needs a BLIP VQA model; this is a {self.family.name} {self.task} '
                        'model, which generates its answers')
     self.require('vqa', 'caption_decoder')
     vqa_prompt = getattr(self.config, 'vqa_prompt', None)
-    if not vqa_prompt or not hasattr(self.abstract, 'prefix'):
+    if not vqa_prompt or not hasattr(self.model_class, 'prefix'):
       raise ValueError(f'vqa needs a BLIP VQA model or BLIP-2 with an LLM; this is a {self.family.name} {self.task} '
                        'model')
     out = [[] for _ in images]
