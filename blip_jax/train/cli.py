@@ -52,10 +52,15 @@ def _main(argv):
   # Libraries (orbax, TFDS) log every save and read at INFO through absl: keep their warnings only.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('blip_jax').setLevel(logging.INFO)
+  from blip_jax.train import checkpoints, lock
   from blip_jax.train.loop import train_and_evaluate
   config_name = os.path.splitext(os.path.basename(FLAGS['config'].config_filename.split(':')[0]))[0]
   workdir = FLAGS.workdir or os.path.join('runs', config_name)
-  train_and_evaluate(FLAGS.config, workdir)
+  try:
+    train_and_evaluate(FLAGS.config, workdir)
+  except (lock.WorkdirLocked, checkpoints.NoUsableCheckpoint) as e:
+    print(f'error: {e}', file=sys.stderr)  # the workdir's state, not a bug: no traceback
+    sys.exit(2)
 
 
 def main(argv=None) -> None:

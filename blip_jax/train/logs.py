@@ -41,17 +41,27 @@ class MetricWriter:
   def rewind(self, step: int) -> None:
     """Forget the rows after `step` (a resumed run is about to write them again), and a line
     cut short by a kill, so that metrics.jsonl reads as the straight run's."""
+    self._rewrite(lambda row: row if row.get('step', 0) <= step else None)
+
+  def forget(self, step: int, names) -> None:
+    """Drop `names` from the rows at `step`: an evaluation run again at the same step replaces its
+    earlier values instead of logging the step's metrics twice."""
+    names = set(names)
+    drop = lambda row: {k: v for k, v in row.items() if k not in names} if row.get('step') == step else row
+    self._rewrite(lambda row: r if len(r := drop(row)) > 1 else None)
+
+  def _rewrite(self, edit) -> None:
     if not self.enabled or not os.path.exists(self.path):
       return
     keep = []
     with open(self.path) as f:
       for line in f:
         try:
-          row = json.loads(line)
+          row = edit(json.loads(line))
         except json.JSONDecodeError:
           continue
-        if row.get('step', 0) <= step:
-          keep.append(line if line.endswith('\n') else line + '\n')
+        if row is not None:
+          keep.append(json.dumps(row) + '\n')
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       f.writelines(keep)

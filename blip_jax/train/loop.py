@@ -16,7 +16,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
 
@@ -26,7 +25,7 @@ from blip_jax.data import examples as examples_lib
 from blip_jax.data.loader import BatchLoader
 from blip_jax.data.transforms import image_function
 from blip_jax.models.variables import unique_weights
-from blip_jax.train import objectives, optim
+from blip_jax.train import checkpoints, lock, objectives, optim
 from blip_jax.train import state as state_lib
 from blip_jax.train.logs import MetricWriter
 
@@ -85,25 +84,6 @@ def _load_init(trainer, state, path):
   return trainer.with_model(state, model)
 
 
-def _checkpoint_manager(workdir, keep):
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-                               item_names=('state', 'data'))
-
-
-def _restore(manager, trainer, step):
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          trainer.state_shapes, trainer.state_sharding)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                           data=ocp.args.JsonRestore()))
-  return restored['state'], restored['data']
-
-
-def _save(manager, step, state, loader):
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             data=ocp.args.JsonSave(loader.state(step))))
-
-
 def _alpha_fn(config, steps_per_epoch):
   ramp, alpha = config.alpha_ramp_epochs * steps_per_epoch, config.alpha
   return lambda step: alpha * jnp.minimum(1.0, step / max(ramp, 1))
@@ -122,6 +102,11 @@ def _format(metrics: dict[str, float]) -> str:
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Train (or, with `config.eval_only`, evaluate) as `config` says; returns the final metrics."""
   os.makedirs(workdir, exist_ok=True)
+  with lock.hold(workdir):
+    return _run(config, workdir)
+
+
+def _run(config, workdir):
   objective = objectives.get(config.objective)
   family = registry.get(objective.family)
   b = datasets.builder(config.data)
@@ -154,19 +139,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                              prompt=getattr(model_cfg, 'prompt', ''), train_examples=loader.examples)
   evaluators = evaluate.build(config.evals, ctx)
   writer = MetricWriter(workdir)
-  manager = _checkpoint_manager(workdir, config.keep_checkpoints)
-
-  start = manager.latest_step()
-  if start is not None:
-    state, data_state = _restore(manager, trainer, start)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          trainer.state_shapes, trainer.state_sharding)
+  manager, state, data_state = checkpoints.restore_latest(workdir, config.keep_checkpoints, abstract)
+  if state is not None:
     start = data_state['step']
-    writer.rewind(start)
     log.info('resumed from %s at step %d', manager.directory, start)
   else:
     start = 0
     state = trainer.init()
     if config.init_from:
       state = _load_init(trainer, state, config.init_from)
+  if not config.eval_only:
+    writer.rewind(start)  # rows a killed run wrote after its last checkpoint (or before its first)
 
   n_params = sum(x.size for x in jax.tree.leaves(state['params']))
   _say(f'{objective.name}: {n_params / 1e6:.2f}M trained parameters, {len(loader.examples)} examples, '
@@ -177,6 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     state = _train(config, trainer, loader, state, start, num_steps, manager, writer, evaluators, lr_fn, accum)
   metrics = evaluate.run(evaluators, state)
   if metrics:
+    writer.forget(num_steps, metrics)  # a rerun of a finished run, or an eval_only run
     writer.write(num_steps, metrics)
     _say('eval:', _format(metrics))
   for evaluator in evaluators.values():
@@ -227,12 +213,12 @@ def _train(config, trainer, loader, state, start, num_steps, manager, writer, ev
                           'opt/lr': lr, 'opt/grad_norm': mean['grad_norm'], 'opt/alpha': mean['alpha'],
                           'speed/examples_per_s': rate})
     if every_ckpt and done % every_ckpt == 0 and done < num_steps:
-      _save(manager, done, state, loader)
+      checkpoints.save(manager, done, state, loader.state(done))
     if every_eval and done % every_eval == 0 and done < num_steps:
       metrics = evaluate.run(evaluators, state)
       writer.write(done, metrics)
       bar.write(f'step {done} eval: {_format(metrics)}')
   bar.close()
-  _save(manager, num_steps, state, loader)
+  checkpoints.save(manager, num_steps, state, loader.state(num_steps))
   manager.wait_until_finished()
   return state
