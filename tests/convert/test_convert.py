@@ -108,3 +108,35 @@ def test_hf_folder_formats(tmp_path, hf_caption, weights):
   with torch.no_grad():
     ref = hf_caption.vision_model(x).last_hidden_state
   assert_close(model.image_embeds(nhwc(x)), ref, 'vision states')
+
+
+class _WritesAFile:
+  """A pickle payload that would create a file when unpickled by a loader that runs code."""
+
+  def __init__(self, target):
+    self.target = target
+
+  def __reduce__(self):
+    return (open, (self.target, 'w'))
+
+
+def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path):
+  import pickle
+  target = tmp_path / 'pwned'
+  path = tmp_path / 'model.pth'
+  with open(path, 'wb') as f:
+    pickle.dump({'state_dict': _WritesAFile(str(target))}, f)
+  with pytest.raises(ValueError, match=r'model.pth: could not read the PyTorch checkpoint'):
+    load_torch(str(path))
+  assert not target.exists()
+
+
+def test_a_safetensors_index_cannot_point_outside_its_folder(tmp_path):
+  import json
+  folder = tmp_path / 'hf'
+  folder.mkdir()
+  safetensors.torch.save_file({'w': torch.zeros(2)}, str(tmp_path / 'outside.safetensors'))
+  (folder / 'model.safetensors.index.json').write_text(
+      json.dumps({'weight_map': {'w': '../outside.safetensors'}}))
+  with pytest.raises(ValueError, match=r"index.json: weight_map names '../outside.safetensors', outside"):
+    load_torch(str(folder))
