@@ -1,9 +1,10 @@
 """`train_and_evaluate(config, workdir)`: the whole run behind `train.py`.
 
 data -> example tables -> sharded loaders -> Trainer (jitted step) -> checkpoints / logs /
-evaluation. Resuming: when `workdir/checkpoints` holds a complete checkpoint the run continues
-from it (parameters, optimiser, momentum encoders, queues, step, RNG and the data position), so
-a killed run and a straight run see the same batches and reach the same state.
+evaluation. Resuming: the run continues from the newest checkpoint in `workdir/checkpoints` that
+restores (`checkpoints.py`: parameters, optimiser, momentum encoders, queues, step, RNG and the
+data position), so a killed run and a straight run see the same batches and reach the same state.
+One run at a time holds the workdir (`lock.py`).
 """
 
 from __future__ import annotations
