@@ -130,10 +130,11 @@ def _file_loaders(path: str) -> dict[str, Callable[[], Any]]:
     folder = os.path.dirname(path)
     loaders = {}
     for shard in sorted(set(index['weight_map'].values())):
-      shard_path = os.path.realpath(os.path.join(folder, shard))
-      if os.path.dirname(shard_path) != os.path.realpath(folder):
+      # A plain file name: the shard lies beside the index. (Its realpath may not: the HF cache
+      # keeps snapshot files as symlinks into blobs/.)
+      if os.path.basename(shard) != shard or shard in ('', '.', '..'):
         raise ValueError(f'{path}: weight_map names {shard!r}, outside the index\'s folder; shards must lie beside it')
-      loaders.update(_file_loaders(shard_path))
+      loaders.update(_file_loaders(os.path.join(folder, shard)))
     return loaders
   tensors = _unwrap(_load_pickle(path), path)
   return {k: (lambda v=v: v) for k, v in tensors.items()}

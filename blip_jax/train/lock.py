@@ -75,7 +75,10 @@ def hold(workdir: str):
       break
     except FileExistsError:
       holder = _holder(path)
-      young = time.time() - os.path.getmtime(path) < 5  # a starting run may not have written it yet
+      try:
+        young = time.time() - os.path.getmtime(path) < 5  # a starting run may not have written it yet
+      except FileNotFoundError:
+        continue  # its holder just ended: try again
       if (holder is None and young) or (holder is not None and _alive(holder)):
         who = (f'pid {holder.get("pid")} on {holder.get("host")} since {holder.get("since")}' if holder
                else 'a run that is starting')

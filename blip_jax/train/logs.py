@@ -47,8 +47,14 @@ class MetricWriter:
     """Drop `names` from the rows at `step`: an evaluation run again at the same step replaces its
     earlier values instead of logging the step's metrics twice."""
     names = set(names)
-    drop = lambda row: {k: v for k, v in row.items() if k not in names} if row.get('step') == step else row
-    self._rewrite(lambda row: r if len(r := drop(row)) > 1 else None)
+
+    def edit(row):
+      if row.get('step') != step:
+        return row
+      row = {k: v for k, v in row.items() if k not in names}
+      return row if len(row) > 1 else None  # nothing left but the step
+
+    self._rewrite(edit)
 
   def _rewrite(self, edit) -> None:
     if not self.enabled or not os.path.exists(self.path):

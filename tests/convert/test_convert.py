@@ -1,5 +1,6 @@
 """Checkpoint reading and the errors a user sees for a checkpoint that does not fit."""
 
+import jax
 import numpy as np
 import pytest
 import safetensors.torch
@@ -140,3 +141,26 @@ def test_a_safetensors_index_cannot_point_outside_its_folder(tmp_path):
       json.dumps({'weight_map': {'w': '../outside.safetensors'}}))
   with pytest.raises(ValueError, match=r"index.json: weight_map names '../outside.safetensors', outside"):
     load_torch(str(folder))
+
+
+
+def test_a_sharded_index_reads_shards_that_are_symlinks_as_in_the_hf_cache(tmp_path, hf_caption):
+  import json
+  blobs, snapshot = tmp_path / 'blobs', tmp_path / 'snapshots' / 'rev'
+  blobs.mkdir()
+  snapshot.mkdir(parents=True)
+  state = hf_caption.state_dict()
+  names = sorted(state)
+  halves = {'model-00001-of-00002.safetensors': names[::2], 'model-00002-of-00002.safetensors': names[1::2]}
+  for shard, keys in halves.items():
+    safetensors.torch.save_file({k: state[k].contiguous() for k in keys}, str(blobs / shard))
+    (snapshot / shard).symlink_to(blobs / shard)
+  (snapshot / 'model.safetensors.index.json').write_text(
+      json.dumps({'weight_map': {k: shard for shard, keys in halves.items() for k in keys}}))
+  hf_caption.config.save_pretrained(snapshot)
+  single = tmp_path / 'single'
+  hf_caption.save_pretrained(single)
+  sharded, _, _ = load_torch(snapshot)
+  reference, _, _ = load_torch(single)
+  for a, b in zip(jax.tree.leaves(nnx.state(sharded, nnx.Param)), jax.tree.leaves(nnx.state(reference, nnx.Param)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
