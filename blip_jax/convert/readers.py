@@ -2,7 +2,8 @@
 
 Sources: an in-memory state dict (torch tensors or numpy arrays), a `.pth` / `.pt` / `.bin`
 pickle (state dict at the top level or under 'model' / 'state_dict', `module.` prefixes
-stripped; memory-mapped), an OpenAI TorchScript archive, a `.safetensors` file (memory-mapped,
+stripped; memory-mapped; `weights_only`: no code runs), an OpenAI TorchScript archive (its
+weights only, read by `torchscript.py` without running it), a `.safetensors` file (memory-mapped,
 read with numpy, no torch needed), or a HuggingFace model folder (`config.json` +
 `model.safetensors` / `pytorch_model.bin`, sharded `*.index.json`).
 
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
+
+from blip_jax.convert import torchscript
 
 WRAPPER_KEYS = ('model', 'state_dict', 'module')
 
@@ -93,17 +96,10 @@ def _unwrap(obj: Mapping[str, Any], source: str) -> dict[str, Any]:
   return tensors
 
 
-def _is_torchscript(path: str) -> bool:
-  if not zipfile.is_zipfile(path):
-    return False
-  with zipfile.ZipFile(path) as z:
-    return any(name.endswith('constants.pkl') for name in z.namelist())
-
-
 def _load_pickle(path: str) -> dict[str, Any]:
+  if torchscript.is_torchscript(path):
+    return torchscript.read_state_dict(path)  # without torch.jit.load: nothing in the archive runs
   import torch
-  if _is_torchscript(path):
-    return torch.jit.load(path, map_location='cpu').state_dict()
   try:
     # mmap: tensors stay on disk until read (needs the zip format of torch >= 1.6).
     return torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -172,7 +168,7 @@ def read_checkpoint(source) -> Checkpoint:
     path = os.path.join(path, found[0])
   loaders = _strip_module(_file_loaders(path))
   return Checkpoint(TensorStore(loaders), path, hf_config,
-                    torchscript=os.path.isfile(path) and _is_torchscript(path), files=(path,))
+                    torchscript=os.path.isfile(path) and torchscript.is_torchscript(path), files=(path,))
 
 
 def read_checkpoints(sources) -> Checkpoint:

@@ -132,6 +132,58 @@ def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path):
   assert not target.exists()
 
 
+class _Scripted(torch.nn.Module):
+  """A TorchScript module with what archives hold: nested modules, a non-contiguous, a bf16, an
+  fp16, a 0-d and an offset parameter, int and bool buffers, and a tensor that is no state."""
+
+  def __init__(self):
+    super().__init__()
+    self.seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    self.transposed = torch.nn.Parameter(torch.randn(6, 4).t())
+    self.bf16 = torch.nn.Parameter(torch.randn(3, 2).to(torch.bfloat16))
+    self.fp16 = torch.nn.Parameter(torch.randn(2).half())
+    self.offset = torch.nn.Parameter(torch.randn(10)[2:6])
+    self.scale = torch.nn.Parameter(torch.tensor(2.5))
+    self.register_buffer('steps', torch.arange(5))
+    self.register_buffer('flags', torch.tensor([True, False]))
+    self.plain = torch.ones(3)  # an attribute: not in state_dict()
+
+  def forward(self, x):
+    return self.seq(x @ self.transposed) * self.scale + self.plain.sum()
+
+
+def test_a_torchscript_archive_is_read_without_torch_jit_into_its_state_dict(tmp_path, monkeypatch):
+  from blip_jax.convert.torchscript import read_state_dict
+  torch.manual_seed(0)
+  path = tmp_path / 'scripted.pt'
+  torch.jit.script(_Scripted()).save(str(path))
+  expected = torch.jit.load(str(path)).state_dict()
+  monkeypatch.setattr(torch.jit, 'load', lambda *a, **k: pytest.fail('torch.jit.load was called'))
+  got = read_state_dict(str(path))
+  assert sorted(got) == sorted(expected)
+  for key, tensor in expected.items():
+    np.testing.assert_array_equal(got[key], tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy(),
+                                  err_msg=key)
+    assert got[key].shape == tuple(tensor.shape), key
+
+
+def test_a_torchscript_archive_whose_pickle_runs_code_is_refused_and_runs_nothing(tmp_path):
+  import pickle
+  import zipfile
+  target = tmp_path / 'pwned'
+  good, bad = tmp_path / 'good.pt', tmp_path / 'bad.pt'
+  torch.jit.script(_Scripted()).save(str(good))
+  with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, 'w') as dst:
+    for item in src.infolist():
+      data = src.read(item)
+      if item.filename.endswith('/data.pkl'):
+        data = pickle.dumps({'seq': _WritesAFile(str(target))}, protocol=2)
+      dst.writestr(item, data)
+  with pytest.raises(ValueError, match=r'bad.pt: data.pkl refers to io.open, .* refusing to load it'):
+    load_torch(str(bad))
+  assert not target.exists()
+
+
 def test_a_safetensors_index_cannot_point_outside_its_folder(tmp_path):
   import json
   folder = tmp_path / 'hf'
