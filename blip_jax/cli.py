@@ -8,9 +8,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from blip_jax import storage
+
 # What the project raises for input a user can fix (ConversionError, ImageError, InputError and
-# the config errors are ValueErrors; missing or unreadable files are OSErrors).
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# the config errors are ValueErrors; missing or unreadable files are OSErrors; an output on a
+# full or read-only disk is a storage.OutputError).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               storage.OutputError)
 
 
 class InputError(ValueError):
@@ -23,5 +27,11 @@ def main(run: Callable[[Sequence[str]], object], argv: Sequence[str] | None = No
     run(sys.argv[1:] if argv is None else list(argv))
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
+    return 2
+  except OSError as e:  # a write the project does not wrap (a log, a lock file) on a full disk
+    problem = storage.disk_problem(e, e.filename or 'an output')
+    if problem is None:
+      raise
+    print(f'error: {problem}', file=sys.stderr)
     return 2
   return 0

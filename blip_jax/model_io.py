@@ -16,20 +16,20 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from blip_jax import distributed, registry
+from blip_jax import distributed, registry, storage
 from blip_jax.models.variables import build_abstract, unique_weights
 
 # 2: tasks named by the family's model classes (BLIP-2 stage1 / stage2, CLIP contrastive, OPT lm).
 FORMAT = 'blip_jax/2'
 CONFIG_FILE = 'config.json'
 WEIGHTS_DIR = 'weights'
+PARTIAL_SUFFIX = '.incomplete'  # a directory being written (see save)
 
 
 def sha256(path: str, chunk: int = 1 << 24) -> str:
@@ -57,8 +57,9 @@ def is_model_dir(path) -> bool:
 def save(out_dir, model: nnx.Module, config, *, task: str, dtype: str = 'float32',
          provenance: dict[str, Any] | None = None, tokenizer=None, tokenizer_source: str = '') -> None:
   """Write `model`'s weights (cast to `dtype`), its config and its tokenizer's files to `out_dir`
-  (replaced). Without a tokenizer, `tokenizer_source` may name where one is found (a Hub id such
-  as 'bert-base-uncased'), so that loading needs no extra argument."""
+  (replaced once the new one is complete; a full or read-only disk is a `storage.OutputError`).
+  Without a tokenizer, `tokenizer_source` may name where one is found (a Hub id such as
+  'bert-base-uncased'), so that loading needs no extra argument."""
   import orbax.checkpoint as ocp
   family = registry.family_of(config)
   if task not in family.tasks:
@@ -66,25 +67,38 @@ def save(out_dir, model: nnx.Module, config, *, task: str, dtype: str = 'float32
   out_dir = os.path.abspath(os.fspath(out_dir))
   weights = {path: jnp.asarray(var.get_value()).astype(dtype) if jnp.issubdtype(var.dtype, jnp.floating)
              else jnp.asarray(var.get_value()) for path, var in unique_weights(model).items()}
-  # With several processes (a multi-host run) every one writes its shards of the weights; the
-  # first alone clears the directory and writes the config.
+  needed = sum(w.nbytes for w in weights.values())
+  # Written beside out_dir and renamed into place when complete: a full disk or a kill leaves the
+  # previous out_dir as it was and nothing a later load mistakes for a model. With several
+  # processes (a multi-host run) every one writes its shards; the first alone prepares the
+  # directory, writes the config and renames.
+  partial = out_dir + PARTIAL_SUFFIX
   primary = distributed.is_primary()
-  if primary:
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.makedirs(out_dir)
-  distributed.barrier(f'model_io.save: {out_dir} cleared')
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(out_dir, WEIGHTS_DIR), weights)
-  checkpointer.wait_until_finished()
-  if primary:
-    meta = {'format': FORMAT, 'family': family.name, 'task': task, 'dtype': dtype,
-            'config': dataclasses.asdict(config), 'tokenizer': '' if tokenizer else tokenizer_source,
-            'provenance': provenance or {}}
-    if tokenizer is not None:
-      tokenizer.save(out_dir)
-    with open(os.path.join(out_dir, CONFIG_FILE), 'w') as f:
-      json.dump(meta, f, indent=2)
+
+  def cleanup():
+    if primary:
+      storage.remove(partial)
+
+  with storage.writing(out_dir, needed, cleanup):
+    if primary:
+      storage.check_writable(out_dir, needed)
+      storage.remove(partial)
+      os.makedirs(partial)
+    distributed.barrier(f'model_io.save: {partial} prepared')
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(partial, WEIGHTS_DIR), weights)
+    checkpointer.wait_until_finished()
+    if primary:
+      meta = {'format': FORMAT, 'family': family.name, 'task': task, 'dtype': dtype,
+              'config': dataclasses.asdict(config), 'tokenizer': '' if tokenizer else tokenizer_source,
+              'provenance': provenance or {}}
+      if tokenizer is not None:
+        tokenizer.save(partial)
+      with open(os.path.join(partial, CONFIG_FILE), 'w') as f:
+        json.dump(meta, f, indent=2)
+      storage.remove(out_dir)
+      os.rename(partial, out_dir)
+  distributed.barrier(f'model_io.save: {out_dir} written')
 
 
 def read_config(model_dir) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from blip_jax import cli
+from blip_jax import cli, storage
 from blip_jax.cli import InputError
 from blip_jax.inference.images import ImageError, list_images, to_rgb
 from blip_jax.inference.predictor import DEFAULT_TEMPLATES
@@ -88,6 +88,7 @@ class Rows:
     self.fmt, self.keys, self.widths = fmt, None, None
     self.done: set[str] = set()
     kept = self._read(out, per_image) if resume and os.path.exists(out) else []
+    self.path = out or '<stdout>'
     self.file = open(out, 'w', newline='') if out else sys.stdout  # noqa: SIM115 - open for the run, closed by close()
     if kept:
       self.keys = list(kept[0])
@@ -108,6 +109,10 @@ class Rows:
     return kept
 
   def _emit(self, rows: list[dict], header: bool) -> None:
+    with storage.writing(self.path):  # a full disk: the rows written so far stay (see --resume)
+      self._emit_rows(rows, header)
+
+  def _emit_rows(self, rows: list[dict], header: bool) -> None:
     f = self.file
     if self.fmt == 'jsonl':
       f.write(''.join(json.dumps(r) + '\n' for r in rows))
@@ -134,7 +139,8 @@ class Rows:
 
   def close(self) -> None:
     if self.file is not sys.stdout:
-      self.file.close()
+      with storage.writing(self.path):  # flushes what a full disk refused, which fails again
+        self.file.close()
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -214,8 +220,10 @@ class Index:
         json.dump(self.meta, f)
     number = len(self.shards())
     tmp = os.path.join(self.folder, f'.shard-{number:05d}.tmp.npz')
-    np.savez(tmp, paths=np.asarray(paths), features=features)
-    os.replace(tmp, os.path.join(self.folder, f'shard-{number:05d}.npz'))  # whole shards only
+    shard = os.path.join(self.folder, f'shard-{number:05d}.npz')
+    with storage.writing(shard, features.nbytes, lambda: storage.remove(tmp)):
+      np.savez(tmp, paths=np.asarray(paths), features=features)
+      os.replace(tmp, shard)  # whole shards only
 
 
 def build_index(p, args) -> int:

@@ -314,6 +314,17 @@ def test_bad_input_is_named(scenes, trained, tmp_path, capsys):
   assert "--split dev: synthetic_scenes has the splits ['test', 'train', 'validation']" in err
 
 
+def test_a_full_disk_is_one_error_naming_the_file_and_leaves_no_partial_file(scenes, trained, tmp_path, capsys):
+  out = tmp_path / 'out'
+  out.mkdir()
+  # Every file CapFilt writes goes through a temporary file beside it; this one is the kernel's
+  # always-full device, so the first write (settings.json) fails with ENOSPC.
+  (out / f'settings.json.tmp{os.getpid()}').symlink_to('/dev/full')
+  err = _error(capsys, *_argv(scenes, trained[0], out))
+  assert err.startswith(f'error: {out / "settings.json"}: the disk is full') and err.count('\n') == 1, err
+  assert sorted(str(p.relative_to(out)) for p in out.rglob('*')) == ['parts']  # nothing half written
+
+
 # ------------------------------------------------------------------------------ the loop's last step
 
 def test_pretrain_capfilt_config_trains_on_the_output(full, tmp_path):

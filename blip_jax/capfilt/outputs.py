@@ -13,16 +13,19 @@ import shutil
 import jax
 import numpy as np
 
+from blip_jax import storage
 from blip_jax.capfilt.data import read_web_texts
 from blip_jax.cli import InputError
 
 
 def write_atomic(path: str, data: bytes) -> None:
-  """Write through a temporary file and a rename, so a killed run leaves no partial file."""
+  """Write through a temporary file and a rename, so a killed run or a full disk leaves no partial
+  file (a full or read-only disk is a `storage.OutputError` naming `path`)."""
   tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
+  with storage.writing(path, len(data), lambda: storage.remove(tmp)):
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
 
 
 def part_path(out: str, process: int, chunk: int) -> str:

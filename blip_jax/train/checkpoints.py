@@ -5,17 +5,24 @@ A checkpoint that does not restore (a truncated file, a damaged manifest, a miss
 named with what is wrong, moved to `workdir/checkpoints_damaged/` (never deleted) and the run
 continues from the one before it. When none restores the run stops with one error listing them
 all and leaves them where they are.
+
+Saving onto a full or read-only disk stops the run with one `storage.OutputError` naming the
+checkpoint directory and the bytes needed; the half-written `N.orbax-checkpoint-tmp` is removed
+and the checkpoints before it stay usable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
 import time
 
+import jax
 import orbax.checkpoint as ocp
 
-from blip_jax import distributed
+from blip_jax import distributed, storage
 
 log = logging.getLogger('blip_jax.train')
 
@@ -36,7 +43,33 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+  """Starts writing checkpoint `step` (orbax finishes it in the background: see `finish`)."""
+  needed = sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(state))
+  with _writing(mgr, needed):
+    if distributed.is_primary():
+      storage.check_writable(os.fspath(mgr.directory), needed)
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+
+
+def finish(mgr: ocp.CheckpointManager) -> None:
+  """Waits for the checkpoint being written; its disk errors surface here."""
+  with _writing(mgr):
+    mgr.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _writing(mgr, needed: int = 0):
+  directory_ = os.fspath(mgr.directory)
+
+  def cleanup():
+    with contextlib.suppress(Exception):  # the background write ends, with the same error
+      mgr.wait_until_finished()
+    if distributed.is_primary():
+      for partial in glob.glob(os.path.join(directory_, '*.orbax-checkpoint-tmp*')):
+        storage.remove(partial)
+
+  with storage.writing(directory_, needed, cleanup):
+    yield
 
 
 def _restore(mgr, step, abstract):

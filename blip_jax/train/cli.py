@@ -52,14 +52,21 @@ def _main(argv):
   # Libraries (orbax, TFDS) log every save and read at INFO through absl: keep their warnings only.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('blip_jax').setLevel(logging.INFO)
+  from blip_jax import storage
   from blip_jax.train import checkpoints, lock
   from blip_jax.train.loop import train_and_evaluate
   config_name = os.path.splitext(os.path.basename(FLAGS['config'].config_filename.split(':')[0]))[0]
   workdir = FLAGS.workdir or os.path.join('runs', config_name)
   try:
     train_and_evaluate(FLAGS.config, workdir)
-  except (lock.WorkdirLocked, checkpoints.NoUsableCheckpoint) as e:
-    print(f'error: {e}', file=sys.stderr)  # the workdir's state, not a bug: no traceback
+  except (lock.WorkdirLocked, checkpoints.NoUsableCheckpoint, storage.OutputError) as e:
+    print(f'error: {e}', file=sys.stderr)  # the workdir's state or disk, not a bug: no traceback
+    sys.exit(2)
+  except OSError as e:  # a write not wrapped by storage.writing (metrics, events, the lock file)
+    problem = storage.disk_problem(e, e.filename or workdir)
+    if problem is None:
+      raise
+    print(f'error: {problem}', file=sys.stderr)
     sys.exit(2)
 
 

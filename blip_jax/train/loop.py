@@ -190,7 +190,7 @@ def _train(config, trainer, loader, state, start, num_steps, manager, writer, ev
     if not metrics.pop('finite'):
       bad = [k for k, v in metrics.items() if not np.isfinite(v)]
       latest = manager.latest_step()
-      manager.wait_until_finished()
+      checkpoints.finish(manager)
       raise TrainingDiverged(
           f'step {step}: non-finite {", ".join(bad) or "loss"} '
           f'({", ".join(f"{k}={metrics[k]}" for k in bad)}); stopped before updating the model. '
@@ -221,5 +221,5 @@ def _train(config, trainer, loader, state, start, num_steps, manager, writer, ev
       bar.write(f'step {done} eval: {_format(metrics)}')
   bar.close()
   checkpoints.save(manager, num_steps, state, loader.state(num_steps))
-  manager.wait_until_finished()
+  checkpoints.finish(manager)
   return state

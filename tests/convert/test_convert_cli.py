@@ -138,6 +138,46 @@ def test_errors_are_one_clear_line(tmp_path, capsys, hf_caption):
   assert result.returncode == 2 and 'Traceback' not in result.stderr
 
 
+def _failing_orbax_save(self, directory, *args, **kwargs):
+  """What orbax does when the disk fills mid-write: some files written, then tensorstore's error."""
+  pathlib.Path(directory).mkdir(parents=True)
+  (pathlib.Path(directory) / 'half_written').write_bytes(b'x' * 100)
+  raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{directory}/d/0": No space left on device')
+
+
+def test_a_full_or_read_only_disk_is_one_error_and_the_previous_output_stays(tmp_path, capsys, hf_caption,
+                                                                             monkeypatch):
+  import collections
+  import os
+  import shutil
+
+  import orbax.checkpoint as ocp
+
+  from blip_jax import model_io
+  ckpt, out = tmp_path / 'blip.pth', tmp_path / 'out'
+  torch.save(to_salesforce(hf_caption.state_dict()), ckpt)
+  args = [str(ckpt), '--out', str(out), '--override', BLIP_HEADS]
+  assert main(args) == 0
+  capsys.readouterr()
+  before = {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()}
+  access = os.access
+  full = lambda path: collections.namedtuple('usage', 'total used free')(10**9, 10**9 - 1000, 1000)
+  read_only = lambda path, mode: False if str(path).startswith(str(tmp_path)) else access(path, mode)
+  cases = {
+      'too little space': (('shutil', 'disk_usage', full), f'{out}: not enough space: 1000 bytes free there; about '),
+      'full mid-write': ((ocp.StandardCheckpointer, 'save', _failing_orbax_save), f'{out}: the disk is full'),
+      'read-only': (('os', 'access', read_only), f'{out}: cannot write there'),
+  }
+  for case, ((target, name, fake), message) in cases.items():
+    with monkeypatch.context() as m:
+      m.setattr({'shutil': shutil, 'os': os}.get(target, target), name, fake)
+      assert main(args) == 2, case
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {message}') and err.count('\n') == 1, (case, err)
+    assert not os.path.exists(str(out) + model_io.PARTIAL_SUFFIX), case  # nothing half written left
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()} == before, case
+
+
 def test_load_converts_pytorch_sources_in_memory(hf_caption):
   model, cfg = blip_jax.load(hf_caption.state_dict(), **OVERRIDES)
   x = images()

@@ -319,6 +319,25 @@ def test_bad_inputs_are_reported_and_the_others_processed(scenes, pretrained, tm
   assert str(tmp_path) in capsys.readouterr().err
 
 
+def test_a_full_disk_is_one_error_naming_the_output_and_leaves_no_partial_shard(scenes, pretrained, tmp_path,
+                                                                                 capsys):
+  folder, _, _ = scenes
+  ckpt, _, _ = pretrained
+  out = tmp_path / 'rows.jsonl'
+  out.symlink_to('/dev/full')  # the kernel's always-full device: every write is ENOSPC
+  assert predict.main(['itm', '--checkpoint', str(ckpt), '--text', 'a red circle', '--format', 'jsonl',
+                       '--out', str(out), str(folder / 'scene0.png')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {out}: the disk is full') and err.count('\n') == 1, err
+  index = tmp_path / 'index'
+  index.mkdir()
+  (index / '.shard-00000.tmp.npz').symlink_to('/dev/full')
+  assert predict.main(['retrieve', '--checkpoint', str(ckpt), '--index', str(index), str(folder)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {index / "shard-00000.npz"}: the disk is full'), err
+  assert sorted(p.name for p in index.iterdir()) == ['index.json']  # no partial shard; the next run starts clean
+
+
 def test_module_runs_from_the_command_line(scenes, pretrained):
   folder, _, _ = scenes
   ckpt, _, _ = pretrained

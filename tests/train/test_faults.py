@@ -138,3 +138,37 @@ def test_train_py_refuses_a_locked_workdir_with_one_line(tmp_path, scenes_dir):
   assert out.returncode == 2, out.stderr[-2000:]
   assert 'error: ' in out.stderr and 'in use by pid 1 on another-host' in out.stderr
   assert 'Traceback' not in out.stderr
+
+
+def _disk_fills_while_orbax_writes(self, step, *args, **kwargs):
+  partial = pathlib.Path(self.directory) / f'{step}.orbax-checkpoint-tmp'
+  (partial / 'state').mkdir(parents=True)
+  (partial / 'state' / 'half_written').write_bytes(b'x' * 100)
+  raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{partial}/state/d/0": No space left on device')
+
+
+def _too_little_space(path):
+  return shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
+
+
+@pytest.mark.parametrize('fault', ['full mid-write', 'too little space'])
+def test_a_full_disk_stops_the_run_with_one_error_and_leaves_no_partial_checkpoint(
+    fault, trained, scenes_dir, tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+
+  from blip_jax import storage
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  with monkeypatch.context() as m:
+    if fault == 'full mid-write':
+      m.setattr(ocp.CheckpointManager, 'save', _disk_fills_while_orbax_writes)
+      message = 'checkpoints: the disk is full'
+    else:
+      m.setattr(shutil, 'disk_usage', _too_little_space)
+      message = r'checkpoints: not enough space: 1000 bytes free there; about \d+\.\d [KM]iB needed'
+    with pytest.raises(storage.OutputError, match=rf'^{workdir}/{message}'):
+      loop.train_and_evaluate(_config(scenes_dir, 6), str(workdir))
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['2', '4']  # no *.orbax-checkpoint-tmp
+  loop.train_and_evaluate(_config(scenes_dir, 6), str(workdir))  # space freed: the run resumes from step 4
+  assert [r['step'] for r in _rows(workdir) if 'train/loss' in r] == list(range(1, 7))
+  _each_metric_once(workdir)
