@@ -16,6 +16,7 @@ import numpy as np
 from blip_jax import storage
 from blip_jax.capfilt.data import read_web_texts
 from blip_jax.cli import InputError
+from blip_jax.data import image_files
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -41,7 +42,7 @@ def image_file(split: str, record: int, encoded: bytes) -> tuple[str, bytes]:
   from PIL import Image
   buffer = io.BytesIO()
   with Image.open(io.BytesIO(encoded)) as im:
-    im.convert('RGB').save(buffer, 'PNG')
+    Image.fromarray(image_files.rgb(im)).save(buffer, 'PNG')
   return f'{split}/{record:08d}.png', buffer.getvalue()
 
 

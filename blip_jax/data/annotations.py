@@ -27,11 +27,15 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
+
+from blip_jax.data import image_files
 
 TASKS = ('caption', 'vqa', 'nlvr')
 REQUIRED = {'caption': ('image', 'caption'), 'vqa': ('image', 'question', 'question_id'),
             'nlvr': ('images', 'sentence', 'label')}
+
+
+IMAGE_KEYS = ('image', 'image0', 'image1')
 
 
 class AnnotationError(ValueError):
@@ -40,11 +44,16 @@ class AnnotationError(ValueError):
 
 def read_annotations(path: str) -> list[dict[str, Any]]:
   try:
-    with open(path) as f:
+    with open(path, encoding='utf-8-sig') as f:  # JSON is UTF-8 (a byte-order mark is accepted)
       entries = json.load(f)
   except FileNotFoundError:
     raise AnnotationError(f'annotation file not found: {path}') from None
+  except UnicodeDecodeError as e:
+    raise AnnotationError(f'{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 4]!r}); '
+                          'save it as UTF-8') from None
   except json.JSONDecodeError as e:
+    if not e.doc.strip():
+      raise AnnotationError(f'{path}: the file is empty (expected a JSON list of entries)') from None
     raise AnnotationError(f'{path}: not valid JSON ({e})') from None
   if not isinstance(entries, list):
     raise AnnotationError(f'{path}: expected a JSON list of entries, got {type(entries).__name__}')
@@ -70,45 +79,60 @@ def vqa_answer_weights(answers, dataset: str = 'vqa') -> tuple[list[str], list[f
   return list(weights), list(weights.values())
 
 
-def check_image(path: str, checked: dict[str, str] | None = None) -> None:
-  """Raises `AnnotationError` if `path` is missing or does not decode; `checked` remembers the
-  outcome per path, so an image shared by several entries is decoded once."""
-  if checked is None or path not in checked:
-    problem = ''
-    if not os.path.isfile(path):
-      problem = f'image not found: {path}'
-    else:
-      try:  # decode now, so a corrupt file is reported with its entry instead of failing the build later
-        with Image.open(path) as image:
-          image.load()
-      except Exception as e:  # noqa: BLE001 (PIL raises many types for bad files)
-        problem = f'cannot read image {path}: {e}'
-    if checked is None:
-      checked = {}
-    checked[path] = problem
-  if checked[path]:
+def check_image(path: str, checked: dict[str, str | bool] | None = None) -> bool:
+  """Whether the image file `path` can be stored as it is (else its decoded pixels are; see
+  `image_files`); raises `AnnotationError` if it is missing, does not decode or is too large.
+  `checked` remembers the outcome per path, so an image shared by several entries is read once."""
+  checked = {} if checked is None else checked
+  if path not in checked:
+    try:
+      checked[path] = image_files.stored_as_is(path)
+    except image_files.ImageError as e:
+      checked[path] = str(e)
+  if isinstance(checked[path], str):
     raise AnnotationError(checked[path])
+  return checked[path]
 
 
-def to_example(entry: dict, task: str, image_root: str, checked: dict[str, str] | None = None) -> dict[str, Any]:
-  """One annotation entry -> the builder's feature dict (paths resolved, values normalised)."""
+def image_path(root: str, name: str, outside_root: bool = False) -> str:
+  """`name` (an annotation's image) read relative to `root`; a name that leaves it (`../x`, an
+  absolute path) is an error unless `outside_root`."""
+  root = os.path.abspath(root)
+  path = os.path.normpath(os.path.join(root, name))
+  if not outside_root and os.path.commonpath([path, root]) != root:
+    raise AnnotationError(f'image path {name!r} leaves the image root {root}; image paths are read relative to it '
+                          '(set data.images_outside_root=True to allow it)')
+  return path
+
+
+def _text(entry: dict, key: str) -> str:
+  value = entry[key]
+  if not isinstance(value, str) or not value.strip():
+    raise AnnotationError(f'{key} must be non-empty text, got {value!r}')
+  return value
+
+
+def to_example(entry: dict, task: str, image_root: str, checked: dict[str, str | bool] | None = None,
+               outside_root: bool = False) -> dict[str, Any]:
+  """One annotation entry -> the builder's feature dict (image paths resolved and checked, values
+  normalised)."""
   missing = [k for k in REQUIRED[task] if k not in entry]
   if missing:
     raise AnnotationError(f'missing keys {missing} (a {task} entry needs {list(REQUIRED[task])})')
   paths = entry['images'] if task == 'nlvr' else [entry['image']]
   if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
     raise AnnotationError(f'image paths must be strings, got {paths!r}')
-  paths = [os.path.join(image_root, p) for p in paths]
+  paths = [image_path(image_root, p, outside_root) for p in paths]
   for p in paths:
     check_image(p, checked)
   if task == 'caption':
     captions = list(entry['caption']) if isinstance(entry['caption'], list) else [entry['caption']]
-    if not captions or not all(isinstance(c, str) for c in captions):
-      raise AnnotationError(f'caption must be a string or a non-empty list of strings, got {entry["caption"]!r}')
+    if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+      raise AnnotationError(f'caption must be non-empty text or a non-empty list of it, got {entry["caption"]!r}')
     return {'image': paths[0], 'captions': captions, 'image_id': str(entry.get('image_id', entry['image']))}
   if task == 'vqa':
     answers, weights = vqa_answer_weights(entry.get('answer', []), entry.get('dataset', 'vqa'))
-    return {'image': paths[0], 'question': entry['question'], 'question_id': int(entry['question_id']),
+    return {'image': paths[0], 'question': _text(entry, 'question'), 'question_id': int(entry['question_id']),
             'answers': answers, 'weights': np.asarray(weights, np.float32)}
   label = entry['label']
   if isinstance(label, str):
@@ -117,17 +141,23 @@ def to_example(entry: dict, task: str, image_root: str, checked: dict[str, str] 
     label = label == 'True'
   if len(paths) != 2:
     raise AnnotationError(f'an nlvr entry needs exactly 2 images, got {len(paths)}')
-  return {'image0': paths[0], 'image1': paths[1], 'sentence': entry['sentence'], 'label': int(bool(label))}
+  return {'image0': paths[0], 'image1': paths[1], 'sentence': _text(entry, 'sentence'), 'label': int(bool(label))}
+
+
+def _stored(example: dict, checked: dict[str, str | bool]) -> dict:
+  """The example with each image as TFDS stores it: the file's bytes, or its decoded pixels where
+  TFDS would decode the file differently from `image_files` (CMYK, 16-bit, RGBA, palette, ...)."""
+  return {k: v if k not in IMAGE_KEYS or checked[v] else image_files.read(v) for k, v in example.items()}
 
 
 class BlipAnnotationsConfig(tfds.core.BuilderConfig):
   def __init__(self, *, task: str, annotations: dict[str, str], image_root: str,
-               skip_bad_examples: bool = False, **kwargs):
+               skip_bad_examples: bool = False, images_outside_root: bool = False, **kwargs):
     if task not in TASKS:
       raise ValueError(f'task must be one of {TASKS}, got {task!r}')
     super().__init__(version=BlipAnnotations.VERSION, **kwargs)
     self.task, self.annotations, self.image_root = task, dict(annotations), image_root
-    self.skip_bad_examples = skip_bad_examples
+    self.skip_bad_examples, self.images_outside_root = skip_bad_examples, images_outside_root
 
 
 class BlipAnnotations(tfds.core.GeneratorBasedBuilder):
@@ -160,7 +190,7 @@ class BlipAnnotations(tfds.core.GeneratorBasedBuilder):
       try:
         if not isinstance(entry, dict):
           raise AnnotationError(f'expected an object, got {type(entry).__name__}')
-        example = to_example(entry, cfg.task, cfg.image_root, checked)
+        example = to_example(entry, cfg.task, cfg.image_root, checked, cfg.images_outside_root)
         if cfg.task == 'caption' and example['image'] in images:
           first, record = images[example['image']]
           if record['image_id'] != example['image_id']:
@@ -172,11 +202,12 @@ class BlipAnnotations(tfds.core.GeneratorBasedBuilder):
         skipped += 1
         continue
       if cfg.task != 'caption':
-        yield index, example
+        yield index, _stored(example, checked)
       elif example['image'] in images:
         images[example['image']][1]['captions'] += example['captions']
       else:
         images[example['image']] = index, example
-    yield from images.values()  # each image once, keyed by its first entry
+    for index, example in images.values():  # each image once, keyed by its first entry
+      yield index, _stored(example, checked)
     if skipped:
       logging.warning('%s: skipped %d bad entries (skip_bad_examples=True)', path, skipped)

@@ -42,7 +42,8 @@ def _prepared(data) -> tfds.core.DatasetBuilder:
       raise ValueError(f'data.name=blip_annotations needs data.{", data.".join(missing)}')
     cfg = annotations.BlipAnnotationsConfig(
         name=data.get('config_name', 'custom'), task=data['task'], annotations=files,
-        image_root=data['image_root'], skip_bad_examples=data.get('skip_bad_examples', False))
+        image_root=data['image_root'], skip_bad_examples=data.get('skip_bad_examples', False),
+        images_outside_root=data.get('images_outside_root', False))
     b = annotations.BlipAnnotations(config=cfg, data_dir=data_dir, file_format=FILE_FORMAT)
   else:
     b = tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT)

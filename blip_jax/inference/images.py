@@ -11,26 +11,21 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from blip_jax.data import image_files
+from blip_jax.data.image_files import ImageError
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 
-class ImageError(ValueError):
-  """An input that is not a readable image (names it and says why)."""
-
-
 def to_rgb(image) -> np.ndarray:
-  """A path, PIL image or array -> RGB uint8 [H, W, 3], as the originals read images
-  (`Image.open(path).convert('RGB')`: grey, RGBA and palette images converted, the EXIF
-  orientation not applied)."""
-  from PIL import Image, UnidentifiedImageError
+  """A path, PIL image or array -> RGB uint8 [H, W, 3]: files and PIL images by the rule of
+  `blip_jax.data.image_files` (the originals' `convert('RGB')`, 16-bit images scaled to 8 bits,
+  EXIF orientation not applied), the same pixels as a dataset built from the same files."""
+  from PIL import Image
   if isinstance(image, (str, os.PathLike)):
-    try:
-      with Image.open(image) as im:
-        return np.asarray(im.convert('RGB'))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-      raise ImageError(f'{os.fspath(image)}: not a readable image ({e})') from e
+    return image_files.read(image)
   if isinstance(image, Image.Image):
-    return np.asarray(image.convert('RGB'))
+    return image_files.rgb(image)
   array = np.asarray(image)
   if array.ndim == 2:
     array = np.repeat(array[..., None], 3, -1)

@@ -47,6 +47,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.image_root = ''
   c.data.config_name = 'custom'  # the TFDS config name the built dataset is stored under
   c.data.skip_bad_examples = False
+  c.data.images_outside_root = False  # blip_annotations: image paths may leave image_root (../, absolute)
   # Training images: RandomResizedCrop(scale min_scale..1), horizontal flip, RandAugment ops.
   c.data.min_scale = 0.5
   c.data.flip = True

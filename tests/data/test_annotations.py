@@ -73,8 +73,8 @@ def test_one_record_per_image_whatever_the_caption_layout_and_the_retrieval_maps
              {'image': '2.png', 'caption': 'the beach', 'image_id': 'coco_2'},
              {'image': '1.png', 'caption': ['a dog', 'the dog'], 'image_id': 'coco_1'}]
   opened = []
-  real_open = A.Image.open
-  monkeypatch.setattr(A.Image, 'open', lambda path, *a: opened.append(path) or real_open(path, *a))
+  real_open = A.image_files._opened
+  monkeypatch.setattr(A.image_files, '_opened', lambda path: opened.append(path) or real_open(path))
   builder = _builder(tmp_path, 'per_caption', 'caption', entries)
   assert sorted(opened) == sorted(str(tmp_path / 'img' / f'{i}.png') for i in range(3))  # each image once
   captions = {'coco_0': ['a cat', 'a red ball'], 'coco_1': ['A dog on the beach.', 'Two dogs!', 'a dog', 'the dog'],
@@ -172,7 +172,7 @@ def test_nlvr_batches_hold_both_images_the_statement_and_the_label(tmp_path, tok
 def test_bad_entries_name_the_file_and_index_or_are_skipped(tmp_path, caplog):
   entries = [{'image': '0.png', 'caption': 'ok'}, {'image': 'missing.png', 'caption': 'x'},
              {'caption': 'no image key'}]
-  with pytest.raises(A.AnnotationError, match=r'bad\.json, entry 1: image not found: .*missing\.png'):
+  with pytest.raises(A.AnnotationError, match=r'bad\.json, entry 1: .*missing\.png: no such file'):
     _build(tmp_path, 'bad', 'caption', entries)
   out = _build(tmp_path, 'bad', 'caption', entries, skip_bad_examples=True)
   assert len(out) == 1 and 'skipped 2 bad entries' in caplog.text
@@ -180,7 +180,7 @@ def test_bad_entries_name_the_file_and_index_or_are_skipped(tmp_path, caplog):
   with pytest.raises(A.AnnotationError, match='broken.json: not valid JSON'):
     A.read_annotations(str(tmp_path / 'broken.json'))
   (tmp_path / 'img' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
-  with pytest.raises(A.AnnotationError, match=r'corrupt\.json, entry 1: cannot read image .*corrupt\.jpg'):
+  with pytest.raises(A.AnnotationError, match=r'corrupt\.json, entry 1: .*corrupt\.jpg: not a readable image'):
     _build(tmp_path, 'corrupt', 'caption', [entries[0], {'image': 'corrupt.jpg', 'caption': 'x'}])
   with pytest.raises(A.AnnotationError, match=r"missing keys \['caption'\]"):
     A.to_example({'image': '0.png'}, 'caption', str(tmp_path / 'img'))
@@ -193,12 +193,12 @@ GOOD = {'caption': [{'image': '0.png', 'caption': 'ok', 'image_id': 'a'},
         'nlvr': [{'images': ['0.png', '1.png'], 'sentence': 's', 'label': True},
                  {'images': ['1.png', '2.png'], 'sentence': 's', 'label': 'False'}]}
 BAD = [  # (task, bad entry, the error it gives)
-    ('caption', {'image': 'missing.png', 'caption': 'x'}, r'image not found: .*missing\.png'),
-    ('caption', {'image': 'corrupt.jpg', 'caption': 'x'}, r'cannot read image .*corrupt\.jpg'),
+    ('caption', {'image': 'missing.png', 'caption': 'x'}, r'.*missing\.png: no such file'),
+    ('caption', {'image': 'corrupt.jpg', 'caption': 'x'}, r'.*corrupt\.jpg: not a readable image'),
     ('caption', {'caption': 'no image'}, r"missing keys \['image'\]"),
     ('caption', 'not an object', 'expected an object, got str'),
-    ('caption', {'image': '2.png', 'caption': 7}, 'caption must be a string or a non-empty list of strings, got 7'),
-    ('caption', {'image': '2.png', 'caption': []}, 'caption must be a string or a non-empty list'),
+    ('caption', {'image': '2.png', 'caption': 7}, 'caption must be non-empty text or a non-empty list of it, got 7'),
+    ('caption', {'image': '2.png', 'caption': []}, 'caption must be non-empty text or a non-empty list'),
     ('caption', {'image': '1.png', 'caption': 'x', 'image_id': 'c'},
      "image 1.png has image_id 'c' here but 'b' in entry 1"),
     ('vqa', {'image': '0.png', 'question': 'q', 'question_id': 3, 'answer': ['a', 'b'], 'dataset': 'vg'},
@@ -208,36 +208,97 @@ BAD = [  # (task, bad entry, the error it gives)
     ('nlvr', {'images': ['0.png', '1.png'], 'sentence': 's', 'label': 'maybe'}, 'label must be true/false'),
     ('nlvr', {'images': ['0.png'], 'sentence': 's', 'label': True}, 'an nlvr entry needs exactly 2 images, got 1'),
     ('nlvr', {'images': '0.png', 'sentence': 's', 'label': True}, "image paths must be strings, got '0.png'"),
-    ('nlvr', {'images': ['0.png', 'gone.png'], 'sentence': 's', 'label': True}, r'image not found: .*gone\.png'),
+    ('nlvr', {'images': ['0.png', 'gone.png'], 'sentence': 's', 'label': True}, r'.*gone\.png: no such file'),
+    ('caption', {'image': 'zero.jpg', 'caption': 'x'}, r'.*zero\.jpg: not a readable image \(cannot identify'),
+    ('caption', {'image': 'truncated.jpg', 'caption': 'x'}, r'.*truncated\.jpg: not a readable image \(Truncated'),
+    ('caption', {'image': '../outside.png', 'caption': 'x'}, r"image path '\.\./outside\.png' leaves the image root"),
+    ('caption', {'image': '/etc/hostname', 'caption': 'x'}, r"image path '/etc/hostname' leaves the image root"),
+    ('caption', {'image': '2.png', 'caption': ''}, "caption must be non-empty text or a non-empty list of it, got ''"),
+    ('caption', {'image': '2.png', 'caption': ['a', ' ']}, 'caption must be non-empty text'),
+    ('vqa', {'image': '0.png', 'question': '', 'question_id': 5, 'answer': 'a'}, "question must be non-empty text"),
+    ('nlvr', {'images': ['0.png', '1.png'], 'sentence': ' ', 'label': True}, "sentence must be non-empty text"),
 ]
+
+
+def _generate(tmp_path, task, entries, skip=False, **kw):
+  """The builder's example generator (what download_and_prepare runs) over `entries`, with images
+  0.png, 1.png, 2.png and corrupt.jpg under tmp_path/img and outside.png beside that folder."""
+  (tmp_path / 'img').mkdir(exist_ok=True)
+  for i in range(3):
+    _image(tmp_path / 'img' / f'{i}.png', 40 * i)
+  _image(tmp_path / 'outside.png', 200)
+  (tmp_path / 'img' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
+  (tmp_path / 'img' / 'zero.jpg').write_bytes(b'')
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / 'img' / 'whole.jpg')
+  (tmp_path / 'img' / 'truncated.jpg').write_bytes((tmp_path / 'img' / 'whole.jpg').read_bytes()[:300])
+  ann = tmp_path / 'ann.json'
+  ann.write_text(json.dumps(entries))
+  config = A.BlipAnnotationsConfig(name='t', task=task, annotations={'train': str(ann)},
+                                   image_root=str(tmp_path / 'img'), skip_bad_examples=skip, **kw)
+  return list(A.BlipAnnotations(config=config, data_dir=str(tmp_path / 'tfds'))._generate_examples(str(ann)))
 
 
 @pytest.mark.parametrize('task,entry,error', BAD, ids=[f'{t}-{e}' for t, _, e in BAD])
 def test_each_bad_entry_is_named_or_skipped_and_counted(tmp_path, caplog, task, entry, error):
-  """Each case through the builder's example generator (what download_and_prepare runs): an error
-  naming the file and the entry's index, or with skip_bad_examples the good entries and the count."""
-  (tmp_path / 'img').mkdir()
-  for i in range(3):
-    _image(tmp_path / 'img' / f'{i}.png', 40 * i)
-  (tmp_path / 'img' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
-  ann = tmp_path / 'ann.json'
-  ann.write_text(json.dumps(GOOD[task] + [entry]))
-
-  def generate(skip):
-    config = A.BlipAnnotationsConfig(name='t', task=task, annotations={'train': str(ann)},
-                                     image_root=str(tmp_path / 'img'), skip_bad_examples=skip)
-    return list(A.BlipAnnotations(config=config, data_dir=str(tmp_path / 'tfds'))._generate_examples(str(ann)))
-
+  """An error naming the file and the entry's index, or with skip_bad_examples the good entries
+  and the count."""
   with pytest.raises(A.AnnotationError, match=rf'ann\.json, entry 2: {error}'):
-    generate(False)
-  kept = generate(True)
+    _generate(tmp_path, task, GOOD[task] + [entry])
+  kept = _generate(tmp_path, task, GOOD[task] + [entry], skip=True)
   assert sorted(k for k, _ in kept) == [0, 1] and 'ann.json: skipped 1 bad entries' in caplog.text
 
 
-@pytest.mark.parametrize('content,error', [('[{"image": ', 'not valid JSON'),
-                                           ('{"image": "0.png"}', 'expected a JSON list of entries, got dict')])
+def test_image_paths_outside_the_image_root_are_read_when_allowed(tmp_path):
+  entries = [{'image': '../outside.png', 'caption': 'x', 'image_id': 'o'},
+             {'image': str(tmp_path / 'outside.png'), 'caption': 'y', 'image_id': 'o'}]
+  kept = _generate(tmp_path, 'caption', entries, images_outside_root=True)
+  assert [(e['image'], e['captions']) for _, e in kept] == [(str(tmp_path / 'outside.png'), ['x', 'y'])]
+
+
+def test_an_image_too_large_to_decode_safely_is_named(tmp_path, monkeypatch):
+  import PIL.Image
+  monkeypatch.setattr(PIL.Image, 'MAX_IMAGE_PIXELS', 400)  # PIL refuses over twice this: 32 x 32 here
+  with pytest.raises(A.AnnotationError, match=r'entry 0: .*whole\.jpg: too large to decode safely'):
+    _generate(tmp_path, 'caption', [{'image': 'whole.jpg', 'caption': 'x'}])
+
+
+def test_a_10k_word_caption_is_kept_whole_and_trained_on_its_first_30_words(tmp_path, tok):
+  caption = ' '.join(WORDS[i % 10] for i in range(10_000))
+  builder = _builder(tmp_path, 'long', 'caption', [{'image': '0.png', 'caption': caption, 'image_id': 'a'}])
+  records = ex.read_text_fields(builder, 'train')
+  assert records[0]['captions'][0].decode() == caption  # stored as written
+  batch = _batch(builder, ex.pairs('blip_annotations', records, tok, 40))
+  assert tok.decode(batch['text_ids']) == [' '.join(caption.split()[:30])]  # BLIP's pre_caption(max_words=30)
+
+
+def test_every_kind_of_image_is_stored_as_its_documented_rgb_pixels(tmp_path):
+  import tensorflow_datasets as tfds
+
+  from blip_jax.testing import image_kinds
+  kinds = image_kinds.write(tmp_path / 'img')
+  entries = [{'image': name, 'caption': 'a picture', 'image_id': name} for name in kinds]
+  builder = _builder(tmp_path, 'kinds', 'caption', entries)
+  source = builder.as_data_source('train')
+  stored = builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})
+  seen = set()
+  for i in range(len(source)):
+    name = source[i]['image_id'].decode()
+    path, expected = kinds[name]
+    np.testing.assert_array_equal(source[i]['image'], expected, err_msg=name)
+    if name in ('rgb.png', 'photo.jpg', 'grey.jpg', 'exif_rotated.jpg'):  # kept as they are, not re-encoded
+      assert stored[i]['image'] == path.read_bytes(), name
+    seen.add(name)
+  assert seen == set(kinds)
+
+
+@pytest.mark.parametrize('content,error', [
+    (b'[{"image": ', 'not valid JSON'),
+    (b'{"image": "0.png"}', 'expected a JSON list of entries, got dict'),
+    (b'', r'the file is empty \(expected a JSON list of entries\)'),
+    ('[{"image": "0.png", "caption": "caf\u00e9"}]'.encode('latin-1'), r"not UTF-8 text \(byte 35: b'\\xe9\"}\]'\)"),
+])
 def test_an_unreadable_annotation_file_is_named(tmp_path, content, error):
-  (tmp_path / 'a.json').write_text(content)
+  (tmp_path / 'a.json').write_bytes(content)
   with pytest.raises(A.AnnotationError, match=f'a.json: {error}'):
     A.read_annotations(str(tmp_path / 'a.json'))
   with pytest.raises(A.AnnotationError, match='annotation file not found: .*b.json'):

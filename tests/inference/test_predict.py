@@ -302,14 +302,19 @@ def test_bad_inputs_are_reported_and_the_others_processed(scenes, pretrained, tm
   folder, _, _ = scenes
   ckpt, _, _ = pretrained
   (tmp_path / 'notes.png').write_text('not an image')
+  (tmp_path / 'zero.jpg').write_bytes(b'')
+  whole = (folder / 'scene1.png').read_bytes()
+  (tmp_path / 'truncated.png').write_bytes(whole[:len(whole) // 2])
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'list.txt').write_text(f'{folder / "scene5.png"}\n{tmp_path / "gone.jpg"}\n')
   rows = _run('itm', '--checkpoint', ckpt, '--text', 'a red circle', '--format', 'jsonl', folder / 'scene0.png',
-              tmp_path / 'missing.jpg', tmp_path / 'notes.png', tmp_path / 'empty', f'@{tmp_path / "list.txt"}')
+              tmp_path / 'missing.jpg', tmp_path / 'notes.png', tmp_path / 'zero.jpg', tmp_path / 'truncated.png',
+              tmp_path / 'empty', f'@{tmp_path / "list.txt"}')
   assert [r['image'].rsplit('/', 1)[-1] for r in rows] == ['scene0.png', 'scene5.png']
   out, err = capsys.readouterr()
   assert [r['image'] for r in _jsonl(out)] == [r['image'] for r in rows]
   for name, why in (('missing.jpg', 'no such file'), ('notes.png', 'not a readable image'),
+                    ('zero.jpg', 'not a readable image'), ('truncated.png', 'not a readable image'),
                     ('empty', 'folder holds no images'), ('gone.jpg', 'no such file')):
     assert any(name in line and why in line for line in err.splitlines()), (name, err)
   # Nothing readable, or the wrong kind of checkpoint: one line and exit status 2.
@@ -317,6 +322,21 @@ def test_bad_inputs_are_reported_and_the_others_processed(scenes, pretrained, tm
   assert 'no readable images' in capsys.readouterr().err
   assert predict.main(['caption', '--checkpoint', str(tmp_path), str(folder)]) == 2
   assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_every_kind_of_image_reads_as_its_documented_rgb_pixels(tmp_path, monkeypatch):
+  """The pixels a dataset built from the same files stores (tests/data/test_annotations.py)."""
+  import PIL.Image
+
+  from blip_jax.inference.images import ImageError, to_rgb
+  from blip_jax.testing import image_kinds
+  for name, (path, expected) in image_kinds.write(tmp_path).items():
+    np.testing.assert_array_equal(to_rgb(path), expected, err_msg=name)
+    with PIL.Image.open(path) as im:
+      np.testing.assert_array_equal(to_rgb(im), expected, err_msg=f'{name} as a PIL image')
+  monkeypatch.setattr(PIL.Image, 'MAX_IMAGE_PIXELS', 50)  # refused over twice this; the files are 12 x 20
+  with pytest.raises(ImageError, match=r'rgb\.png: too large to decode safely'):
+    to_rgb(tmp_path / 'rgb.png')
 
 
 def test_a_full_disk_is_one_error_naming_the_output_and_leaves_no_partial_shard(scenes, pretrained, tmp_path,
