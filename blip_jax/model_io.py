@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blip_jax import distributed, registry, storage
-from blip_jax.models.variables import build_abstract, unique_weights
+from blip_jax.models.variables import build_abstract, nonfinite_error, unique_weights
 
 # 2: tasks named by the family's model classes (BLIP-2 stage1 / stage2, CLIP contrastive, OPT lm).
 FORMAT = 'blip_jax/2'
@@ -50,8 +50,9 @@ def is_model_dir(path) -> bool:
   with open(config) as f:
     try:
       return str(json.load(f).get('format', '')).startswith('blip_jax/')
-    except (json.JSONDecodeError, AttributeError):
-      return False
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+      # A damaged config.json beside our weights/ is still ours (read_config then says what is wrong).
+      return os.path.isdir(os.path.join(os.fspath(path), WEIGHTS_DIR))
 
 
 def save(out_dir, model: nnx.Module, config, *, task: str, dtype: str = 'float32',
@@ -101,13 +102,22 @@ def save(out_dir, model: nnx.Module, config, *, task: str, dtype: str = 'float32
   distributed.barrier(f'model_io.save: {out_dir} written')
 
 
+def _first_line(e: Exception) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0][:300] if lines else type(e).__name__
+
+
 def read_config(model_dir) -> dict[str, Any]:
   """The directory's config.json; one written by an older blip_jax is an error saying what to do."""
   path = os.path.join(os.fspath(model_dir), CONFIG_FILE)
-  with open(path) as f:
-    meta = json.load(f)
-  if meta.get('format') != FORMAT:
-    raise ValueError(f'{path}: format {meta.get("format")!r}, this blip_jax reads {FORMAT!r}; convert the '
+  try:
+    with open(path, encoding='utf-8') as f:
+      meta = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: not valid JSON ({e}); the directory is damaged: convert or save the model again') from None
+  found = meta.get('format') if isinstance(meta, dict) else None
+  if found != FORMAT:
+    raise ValueError(f'{path}: format {found!r}, this blip_jax reads {FORMAT!r}; convert the '
                      'checkpoint again (convert_torch_weights.py) or retrain')
   return meta
 
@@ -115,7 +125,10 @@ def read_config(model_dir) -> dict[str, Any]:
 def model_config(model_dir):
   """(family, task, model config) of a converted directory, without loading weights."""
   meta = read_config(model_dir)
-  family = registry.get(meta['family'])
+  try:
+    family = registry.get(meta.get('family'))
+  except ValueError as e:
+    raise ValueError(f'{model_dir}/{CONFIG_FILE}: {e}') from None
   config = registry.config_from_dict(family.config_cls, meta['config'], where=f'{model_dir}/{CONFIG_FILE}')
   return family, meta['task'], config
 
@@ -136,9 +149,13 @@ def load(model_dir, *, seed: int = 0, dtype: str = 'float32'):
   try:
     restored = ocp.StandardCheckpointer().restore(weights_dir, target)
   except Exception as e:  # noqa: BLE001 - orbax reports mismatches in many ways
-    raise ValueError(f'{weights_dir}: the weights do not match the model in {CONFIG_FILE}: {e}') from e
+    raise ValueError(f'{weights_dir}: cannot be restored into the model {CONFIG_FILE} describes (damaged, '
+                     f'incomplete, or written for another model): {_first_line(e)}') from e
   for path, var in variables.items():
     var.set_value(restored.pop(path))
+  problem = nonfinite_error(model, weights_dir)
+  if problem:
+    raise ValueError(problem)
   return model, config
 
 

@@ -14,6 +14,7 @@ import inspect
 from blip_jax import registry
 from blip_jax.convert.readers import Checkpoint, read_checkpoint, read_checkpoints
 from blip_jax.convert.tree import ConversionError, Report
+from blip_jax.models.variables import nonfinite_error
 
 
 def load_torch(source, *, family: str = 'auto', task: str = 'auto', strict: bool = True,
@@ -47,14 +48,23 @@ def convert_checkpoint(ckpt: Checkpoint, *, family: str = 'auto', task: str = 'a
   try:
     fam = registry.detect(ckpt.tensors) if family == 'auto' else registry.get(family)
   except ValueError as e:
-    raise ConversionError(str(e)) from None
+    raise ConversionError(f'{ckpt.source}: {e}') from None
   if task != 'auto' and task not in fam.tasks:
     raise ConversionError(f'unknown {fam.name} task {task!r}; expected one of {sorted(fam.tasks)} or "auto"')
   if keep_training_state:
     if 'keep_training_state' not in inspect.signature(fam.convert_fn).parameters:
       raise ConversionError(f'{fam.name} checkpoints have no training state to keep')
     config_overrides['keep_training_state'] = True
-  return fam.convert_fn(ckpt, task=task, strict=strict, seed=seed, **config_overrides)
+  try:
+    model, config, report = fam.convert_fn(ckpt, task=task, strict=strict, seed=seed, **config_overrides)
+  except ConversionError as e:
+    if ckpt.source in str(e):
+      raise
+    raise ConversionError(f'{ckpt.source}: {e}') from None
+  problem = nonfinite_error(model, ckpt.source)
+  if problem:
+    raise ConversionError(problem)
+  return model, config, report
 
 
 __all__ = ['load_torch', 'convert_checkpoint', 'read_checkpoint', 'read_checkpoints', 'Checkpoint',

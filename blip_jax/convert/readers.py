@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
@@ -104,6 +105,10 @@ def _load_pickle(path: str) -> dict[str, Any]:
     # mmap: tensors stay on disk until read (needs the zip format of torch >= 1.6).
     return torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
   except Exception as e:  # noqa: BLE001 - any unpickling failure becomes one clear message
+    refused = re.search(r'WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)', str(e), re.S)
+    if refused:  # torch's text suggests weights_only=False, which blip_jax never uses: not repeated
+      raise ValueError(f'{path}: could not read the PyTorch checkpoint: not a PyTorch file, or its pickle holds '
+                       f'objects other than tensors, which are never run ({" ".join(refused[1].split())})') from e
     raise ValueError(f'{path}: could not read the PyTorch checkpoint ({type(e).__name__}: {e})') from e
 
 
@@ -163,9 +168,14 @@ def read_checkpoint(source) -> Checkpoint:
       raise FileNotFoundError(f'{path}: a model folder needs one of {HF_WEIGHT_FILES}')
     config_path = os.path.join(path, 'config.json')
     if os.path.exists(config_path):
-      with open(config_path) as f:
-        hf_config = json.load(f)
+      try:
+        with open(config_path, encoding='utf-8') as f:
+          hf_config = json.load(f)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{config_path}: not valid JSON ({e})') from None
     path = os.path.join(path, found[0])
+  elif os.path.getsize(path) == 0:
+    raise ValueError(f'{path}: the file is empty (0 bytes), not a checkpoint')
   loaders = _strip_module(_file_loaders(path))
   return Checkpoint(TensorStore(loaders), path, hf_config,
                     torchscript=os.path.isfile(path) and torchscript.is_torchscript(path), files=(path,))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -44,6 +45,18 @@ def unique_weights(model: nnx.Module) -> dict[str, nnx.Variable]:
       seen.add(id(var))
       out[path] = var
   return out
+
+
+def nonfinite_error(model: nnx.Module, source: str) -> str | None:
+  """The message naming `source` and the model's weights that hold NaN or Inf (a damaged
+  checkpoint, or one saved from a diverged run), or None when every weight is finite."""
+  bad = [path for path, var in unique_weights(model).items()
+         if jnp.issubdtype(var.dtype, jnp.floating) and not bool(jnp.isfinite(var.get_value()).all())]
+  if not bad:
+    return None
+  more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
+  return (f'{source}: weights hold NaN or Inf: {", ".join(bad[:3])}{more}; the checkpoint is damaged or was '
+          'saved from a run that diverged')
 
 
 def build_abstract(make: Callable[[], nnx.Module]) -> nnx.Module:

@@ -123,6 +123,25 @@ def test_errors_are_one_clear_line(tmp_path, capsys, hf_caption):
   sd['text_decoder.bert.encoder.layer.0.output.dense.weight'] = torch.zeros(24, 36)
   torch.save(sd, bad_shape)
   cases.append(([str(bad_shape), '--override', BLIP_HEADS], 'shape mismatch'))
+  (tmp_path / 'random.pth').write_bytes(bytes(range(256)) * 20)
+  cases.append(([str(tmp_path / 'random.pth')], 'random.pth: could not read the PyTorch checkpoint: not a PyTorch '
+                                                'file, or its pickle holds objects other than tensors'))
+  (tmp_path / 'random.safetensors').write_bytes(bytes(range(256)) * 20)
+  cases.append(([str(tmp_path / 'random.safetensors')], 'random.safetensors: could not read the safetensors file'))
+  for name in ('empty.pth', 'empty.bin', 'empty.safetensors'):
+    (tmp_path / name).write_bytes(b'')
+    cases.append(([str(tmp_path / name)], f'{name}: the file is empty (0 bytes), not a checkpoint'))
+  good = tmp_path / 'blip.pth'
+  torch.save(to_salesforce(hf_caption.state_dict()), good)
+  cases.append(([str(good), '--family', 'clip'], 'blip.pth: not a CLIP checkpoint: expected'))
+  cases.append(([str(good), '--family', 'blip2'], 'blip.pth: not a BLIP-2 checkpoint: expected'))
+  nan = to_salesforce(hf_caption.state_dict())
+  nan['text_decoder.bert.encoder.layer.0.output.dense.weight'][0, 0] = float('nan')
+  nan['visual_encoder.pos_embed'][0, 0, 0] = float('inf')
+  torch.save(nan, tmp_path / 'nan.pth')
+  cases.append(([str(tmp_path / 'nan.pth'), '--override', BLIP_HEADS],
+                'nan.pth: weights hold NaN or Inf: text_decoder.bert.encoder.layer.0.output.dense.kernel, '
+                'visual_encoder.pos_embed; the checkpoint is damaged'))
   occupied = tmp_path / 'occupied'
   occupied.mkdir()
   (occupied / 'notes.txt').write_text('mine')
@@ -176,6 +195,64 @@ def test_a_full_or_read_only_disk_is_one_error_and_the_previous_output_stays(tmp
     assert err.startswith(f'error: {message}') and err.count('\n') == 1, (case, err)
     assert not os.path.exists(str(out) + model_io.PARTIAL_SUFFIX), case  # nothing half written left
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()} == before, case
+
+
+def _edit_config(d, fields):
+  """config.json with `fields` (a dict, or a function of the old config.json giving one) replaced."""
+  meta = json.loads((d / 'config.json').read_text())
+  (d / 'config.json').write_text(json.dumps({**meta, **(fields(meta) if callable(fields) else fields)}))
+
+
+def _files(d):
+  return [p for p in (d / 'weights').rglob('*') if p.is_file() and p.stat().st_size > 1000]
+
+
+DAMAGED_DIRS = {  # damage -> what the one-line error says
+    'config.json garbage': (lambda d: (d / 'config.json').write_text('{"format": tru'),
+                            r'config\.json: not valid JSON .*the directory is damaged'),
+    'config.json empty': (lambda d: (d / 'config.json').write_text(''), r'config\.json: not valid JSON'),
+    'another family': (lambda d: _edit_config(d, {'family': 'llama'}), r"config\.json: unknown model family 'llama'"),
+    'another shape': (lambda d: _edit_config(d, lambda meta: {'config': {
+        **meta['config'], 'vision': {**meta['config']['vision'], 'mlp_dim': 40}}}),
+                      r'weights: cannot be restored into the model config\.json describes .*shape'),
+    'truncated weights': (lambda d: [p.write_bytes(p.read_bytes()[:p.stat().st_size // 2]) for p in _files(d)],
+                          r'weights: cannot be restored into the model config\.json describes \(damaged'),
+    'random weights': (lambda d: [p.write_bytes(bytes(range(256)) * (p.stat().st_size // 256)) for p in _files(d)],
+                       r'weights: cannot be restored'),
+    'weights deleted': (lambda d: __import__('shutil').rmtree(d / 'weights'), r'weights: cannot be restored'),
+}
+
+
+@pytest.mark.parametrize('damage', DAMAGED_DIRS)
+def test_a_damaged_converted_directory_is_one_clear_error(damage, tmp_path, capsys, hf_caption):
+  import shutil
+
+  from blip_jax import predict
+  good = tmp_path / 'good'
+  torch.save(to_salesforce(hf_caption.state_dict()), tmp_path / 'blip.pth')
+  assert main([str(tmp_path / 'blip.pth'), '--out', str(good), '--override', BLIP_HEADS]) == 0
+  model_dir = tmp_path / 'damaged'
+  shutil.copytree(good, model_dir)
+  change, message = DAMAGED_DIRS[damage]
+  change(model_dir)
+  with pytest.raises(ValueError, match=message):
+    blip_jax.load(str(model_dir))
+  from PIL import Image
+  Image.new('RGB', (16, 16)).save(tmp_path / 'x.png')
+  capsys.readouterr()
+  assert predict.main(['caption', '--checkpoint', str(model_dir), str(tmp_path / 'x.png')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1 and str(model_dir) in err, err
+
+
+def test_a_converted_directory_holding_nan_is_refused(tmp_path, hf_caption):
+  from blip_jax import model_io
+  model, config, _ = blip_jax.convert.load_torch(hf_caption.state_dict(), **OVERRIDES)
+  var = model.visual_encoder.pos_embed
+  var.set_value(var.get_value().at[0, 0, 0].set(float('nan')))
+  model_io.save(tmp_path / 'nan', model, config, task='caption')
+  with pytest.raises(ValueError, match=r'nan/weights: weights hold NaN or Inf: visual_encoder\.pos_embed; the checkpoint'):
+    blip_jax.load(str(tmp_path / 'nan'))
 
 
 def test_load_converts_pytorch_sources_in_memory(hf_caption):
