@@ -21,11 +21,13 @@ class InputError(ValueError):
   """Bad command-line input."""
 
 
-def main(run: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> int:
-  """`run(argv)` with the convention above; returns the exit status."""
+def main(run: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None,
+         also: tuple[type[Exception], ...] = ()) -> int:
+  """`run(argv)` with the convention above (`also`: more exception types that mean bad input);
+  returns the exit status."""
   try:
     run(sys.argv[1:] if argv is None else list(argv))
-  except USER_ERRORS as e:
+  except USER_ERRORS + also as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except OSError as e:  # a write the project does not wrap (a log, a lock file) on a full disk

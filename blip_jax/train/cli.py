@@ -52,23 +52,34 @@ def _main(argv):
   # Libraries (orbax, TFDS) log every save and read at INFO through absl: keep their warnings only.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('blip_jax').setLevel(logging.INFO)
-  from blip_jax import storage
+  from blip_jax import cli
   from blip_jax.train import checkpoints, lock
   from blip_jax.train.loop import train_and_evaluate
   config_name = os.path.splitext(os.path.basename(FLAGS['config'].config_filename.split(':')[0]))[0]
   workdir = FLAGS.workdir or os.path.join('runs', config_name)
-  try:
-    train_and_evaluate(FLAGS.config, workdir)
-  except (lock.WorkdirLocked, checkpoints.NoUsableCheckpoint, storage.OutputError) as e:
-    print(f'error: {e}', file=sys.stderr)  # the workdir's state or disk, not a bug: no traceback
-    sys.exit(2)
-  except OSError as e:  # a write not wrapped by storage.writing (metrics, events, the lock file)
-    problem = storage.disk_problem(e, e.filename or workdir)
-    if problem is None:
-      raise
-    print(f'error: {problem}', file=sys.stderr)
-    sys.exit(2)
+  # Bad config values, data, disks and the workdir's state are one `error:` line, not a traceback.
+  status = cli.main(lambda _: train_and_evaluate(FLAGS.config, workdir), [],
+                    also=(lock.WorkdirLocked, checkpoints.NoUsableCheckpoint))
+  if status:
+    sys.exit(status)
+
+
+def _unknown_field(e: AttributeError, argv: list[str]) -> str | None:
+  """ml_collections' error for a `--config.x=y` naming no field, as one line (None: another error)."""
+  text = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
+  overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+  return f'no such config field: {text} (overrides: {" ".join(overrides)})' if overrides else None
 
 
 def main(argv=None) -> None:
-  app.run(_main, argv=resolve_config_names(list(sys.argv if argv is None else argv)))
+  argv = resolve_config_names(list(sys.argv if argv is None else argv))
+  try:
+    app.run(_main, argv=argv)
+  except AttributeError as e:
+    if FLAGS.is_parsed():  # raised by the run itself: a bug, with its traceback
+      raise
+    message = _unknown_field(e, argv)  # raised while parsing --config.x=y
+    if message is None:
+      raise
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from blip_jax.evaluate.caption_metrics import meteor_available
@@ -55,3 +56,17 @@ def test_fine_tune_on_own_annotation_files_then_resume(tmp_path):
   # A typo in a field name is refused, naming the field.
   bad = _train(tmp_path, '--config.optim.learning_rate=1e-3')
   assert bad.returncode != 0 and 'learning_rate' in bad.stderr
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.nmu_steps=3', 'no such config field: \'nmu_steps\' Did you mean "num_steps"'),
+    ('--config.optim.schedule=bogus', "optim.schedule must be one of ('cosine', 'step', 'warmup_cosine', 'constant'), "
+                                      "got 'bogus'"),
+    ('--config.data.name=blip_annotations', 'data.name=blip_annotations needs data.task, data.annotations, '
+                                            'data.image_root'),
+])
+def test_a_bad_config_is_one_error_line(tmp_path, scenes_dir, override, message):
+  out = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--config', 'default:tiny', '--workdir',
+                        str(tmp_path / 'run'), f'--config.data.data_dir={scenes_dir}', override],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert out.returncode == 2 and f'error: {message}' in out.stderr and 'Traceback' not in out.stderr, out.stderr[-3000:]
