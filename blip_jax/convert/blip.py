@@ -189,6 +189,11 @@ def convert(ckpt: Checkpoint, *, task: str = 'auto', strict: bool = True,
   expected_missing = []
   if layout == 'huggingface':
     expected_missing.append((r'^temp$', 'HF layout has no ITC temperature; initialised to 0.07'))
+  elif 'temp' not in tensors:
+    # The original BLIP_ITM class (BLIP's demo) has no temperature: its ITC score is the plain
+    # cosine, which is what `similarity` and the Predictor's `itc` give; only contrastive logits
+    # (training, zero-shot softmax) use temp.
+    expected_missing.append((r'^temp$', "no ITC temperature (a BLIP_ITM state dict); initialised to BLIP's 0.07"))
   if not has_momentum:
     expected_missing.append((r'_m\.', 'no momentum copy in the checkpoint; copied from the online weights'))
     expected_missing.append((r'^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr|queue_filled)$',

@@ -9,7 +9,16 @@ import transformers
 from flax import nnx
 
 from blip_jax.convert import ConversionError, load_torch
-from blip_jax.testing.torch_refs import OVERRIDES, assert_close, build_hf, images, nhwc, to_salesforce
+from blip_jax.testing.torch_refs import (
+  ENC,
+  OVERRIDES,
+  assert_close,
+  build_hf,
+  images,
+  nhwc,
+  text_batch,
+  to_salesforce,
+)
 
 
 @pytest.fixture(scope='module')
@@ -87,6 +96,24 @@ def test_wrong_task_is_refused(hf_caption):
 def test_missing_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='nothing.pth'):
     load_torch(tmp_path / 'nothing.pth')
+
+
+def test_a_blip_itm_state_dict_without_temp_converts_and_reports_it():
+  """The original BLIP_ITM class holds no `temp`; its ITC score is the plain cosine."""
+  hf = build_hf(transformers.BlipForImageTextRetrieval)
+  state_dict = to_salesforce(hf.state_dict())
+  assert 'temp' not in state_dict
+  model, _, report = load_torch(state_dict, task='retrieval', **OVERRIDES)  # strict: every other key read
+  assert 'BLIP_ITM' in report.missing['temp']
+  x = images()
+  ids, mask = text_batch(first_token=ENC)
+  with torch.no_grad():
+    itm = hf(input_ids=ids, pixel_values=x, attention_mask=mask, use_itm_head=True).itm_score
+    cosine = hf(input_ids=ids, pixel_values=x, attention_mask=mask, use_itm_head=False).itm_score
+  embeds = model.image_embeds(nhwc(x))
+  assert_close(model.itm_logits(embeds, ids.numpy(), mask.numpy()), itm, 'ITM logits')
+  features = model.image_features(embeds), model.text_features(model.text_embeds(ids.numpy(), mask.numpy()))
+  assert_close(model.similarity(*features), cosine, 'ITC cosine')
 
 
 def test_momentum_copies_start_from_the_online_weights_when_absent():
