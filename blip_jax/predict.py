@@ -168,7 +168,8 @@ def itm_rows(p, paths, images, args) -> list[dict]:
 
 
 def vqa_rows(p, paths, images, args) -> list[dict]:
-  answers = p.vqa(images, args.question, answers=args.answer_list)
+  answers = p.vqa(images, args.question, answers=args.answer_list, k_test=args.k_test,
+                  mask_question_padding=args.mask_question_padding)
   return [{'image': path, 'question': q, 'answer': a} for path, row in zip(paths, answers)
           for q, a in zip(args.question, row)]
 
@@ -293,6 +294,10 @@ def parser() -> argparse.ArgumentParser:
   v = sub.add_parser('vqa', parents=[common], help='answer questions about images')
   v.add_argument('--question', action='append', default=[])
   v.add_argument('--answers', help='rank the answers of this file (one per line) instead of generating')
+  v.add_argument('--k-test', type=int, default=128,
+                 help='ranking scores only the K answers whose first token is likeliest (BLIP: 128)')
+  v.add_argument('--mask-question-padding', action='store_true',
+                 help="generation masks the padded question tokens (BLIP's generate attends to them)")
 
   z = sub.add_parser('classify', parents=[common], help='zero-shot classification')
   z.add_argument('--classes', required=True, help='comma-separated class names')

@@ -13,7 +13,7 @@ command line (`--config.evals.retrieval.k_test=256`).
 |-------------|-------------------------------------------|----------------------------------------|
 | `retrieval` | i2t_r1,5,10, t2i_r1,5,10, r_mean          | encode_image / encode_text / similarity; with k_test > 0 also itm_logits |
 | `caption`   | bleu1..4, rouge_l, cider (+ meteor)       | caption_decoder                        |
-| `vqa`       | accuracy (VQAv2)                          | question_states / answer_scores        |
+| `vqa`       | accuracy (VQAv2)                          | question_states / rank_answers         |
 | `nlvr`      | accuracy                                  | the NLVR2 head                         |
 | `lm`        | loss (the LM loss on the eval split)      | loss                                   |
 | `zero_shot` | top1, top5                                | encode_image / encode_text / similarity |

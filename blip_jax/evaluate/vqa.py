@@ -6,7 +6,8 @@ contractions restored), then scored against the human answers of its question: f
 leave-one-out form of "3 of 10 annotators agree"). The accuracy of a set is the mean, in percent.
 
 The evaluator answers every eval question with the best-ranked of the candidate answers (every
-answer of the training examples) and reports `accuracy`.
+answer of the training examples) by the original's rule: the `k_test` (128) candidates whose first
+token is likeliest are scored, the best of them wins; it reports `accuracy`.
 """
 
 from __future__ import annotations
@@ -80,18 +81,18 @@ def answer_list(train_examples, tokenizer) -> tuple[np.ndarray, np.ndarray, list
 
 
 class Evaluator:
-  def __init__(self, ctx: EvalContext, *, batch_size: int = 64):
-    ctx.require('vqa', 'question_states', 'answer_scores')
+  def __init__(self, ctx: EvalContext, *, batch_size: int = 64, k_test: int = 128):
+    ctx.require('vqa', 'question_states', 'rank_answers')
     if ctx.train_examples is None or 'answer_ids' not in ctx.train_examples.columns:
       raise ValueError('evals.vqa ranks the training answers: it needs a run on VQA examples')
     self.tokenizer = ctx.tokenizer
     self.examples = ctx.loader(ctx.examples('vqa'), batch_size)
     a_ids, a_mask, self.answers = answer_list(ctx.train_examples, ctx.tokenizer)
 
-    def scores(m, images, q_ids, q_mask):
-      return m.answer_scores(m.question_states(m.image_embeds(images), q_ids, q_mask), q_mask, a_ids, a_mask)
+    def best(m, images, q_ids, q_mask):
+      return m.rank_answers(m.question_states(m.image_embeds(images), q_ids, q_mask), q_mask, a_ids, a_mask, k_test)
 
-    self.best = ctx.jit(lambda m, *args: scores(m, *args).argmax(-1))
+    self.best = ctx.jit(best)
 
   def run(self, state) -> dict[str, float]:
     predictions, humans = [], []

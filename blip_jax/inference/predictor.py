@@ -258,14 +258,19 @@ class Predictor:
     return out
 
   def vqa(self, images: Sequence, questions: Sequence[str], *, answers: Sequence[str] | None = None,
-          num_beams: int | None = None) -> list[list[str]]:
+          num_beams: int | None = None, k_test: int = 128, mask_question_padding: bool = False) -> list[list[str]]:
     """The answer to every question about every image ([image][question]). BLIP VQA: generated
-    (beam 3, at most 10 tokens) or, with `answers`, the best-ranked of the list; BLIP-2 with an
+    (beam 3, at most 10 tokens) or, with `answers`, the best-ranked of the list, by the
+    original's rules: ranking scores only the `k_test` answers whose first token is likeliest;
+    generation attends over the padded question positions too (`question_atts = ones` in BLIP's
+    `blip_vqa.py`; `mask_question_padding=True` masks them, as training does). BLIP-2 with an
     LLM: generated from LAVIS's prompt ('Question: {} Short answer:', beam 5, 10 new tokens)."""
     if not questions:
       raise ValueError('vqa needs at least one question')
+    if k_test < 1:
+      raise ValueError(f'k_test must be at least 1, got {k_test}')
     if hasattr(self.model_class, 'question_states'):
-      return self._vqa_question_states(images, questions, answers, num_beams or 3)
+      return self._vqa_question_states(images, questions, answers, num_beams or 3, k_test, mask_question_padding)
     if answers is not None:
       raise ValueError(f'answers= (ranking a list) needs a BLIP VQA model; this is a {self.family.name} {self.task} '
                        'model, which generates its answers')
@@ -284,13 +289,15 @@ class Predictor:
         row.append(text.strip())
     return out
 
-  def _vqa_question_states(self, images, questions, answers, num_beams):
+  def _vqa_question_states(self, images, questions, answers, num_beams, k_test, mask_question_padding):
     from blip_jax.data.text import pre_question
     q_ids, q_mask = self.tokenizer.encode([pre_question(q) for q in questions], self.family.text_length(self.config),
                                           'enc')
     n = len(questions)
 
-    def states(m, x):
+    # Questions and answers are arguments, not constants of the compiled function (which is
+    # cached by name): another call with other texts reuses it with its own.
+    def states(m, x, q_ids, q_mask):
       b = x.shape[0]
       mask = jnp.tile(q_mask, (b, 1))
       return m.question_states(jnp.repeat(m.image_embeds(x), n, 0), jnp.tile(q_ids, (b, 1)), mask), mask
@@ -301,21 +308,22 @@ class Predictor:
         raise ValueError('answers= is empty')
       a_ids, a_mask = tok.encode(list(answers), 12, 'dec')
 
-      def best(m, x):
-        s, mask = states(m, x)
-        return jnp.argmax(m.answer_scores(s, mask, a_ids, a_mask), -1).reshape(x.shape[0], n)
+      def best(m, x, q_ids, q_mask, a_ids, a_mask):
+        s, mask = states(m, x, q_ids, q_mask)
+        return m.rank_answers(s, mask, a_ids, a_mask, k_test).reshape(x.shape[0], n)
 
-      picked = self.map_images('vqa_rank', best, images)
+      picked = self.map_images(f'vqa_rank:{k_test}', best, images, q_ids, q_mask, a_ids, a_mask)
       return [[answers[j] for j in row] for row in picked]
 
-    def answer(m, x):
-      s, mask = states(m, x)
+    def answer(m, x, q_ids, q_mask):
+      s, mask = states(m, x, q_ids, q_mask)
+      mask = mask if mask_question_padding else jnp.ones_like(mask)
       start = jnp.full((x.shape[0] * n, 1), tok.bos_token_id, jnp.int32)
       ids = generate.beam_search(m.answer_decoder, (s, mask), start, num_beams=num_beams, max_length=10, min_length=1,
                                  eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)[0][:, 0]
       return ids.reshape(x.shape[0], n, -1)
 
-    ids = self.map_images(f'vqa_generate:{num_beams}', answer, images)
+    ids = self.map_images(f'vqa_generate:{num_beams}:{mask_question_padding}', answer, images, q_ids, q_mask)
     return [[t.strip() for t in tok.decode(row)] for row in ids]
 
   def classify(self, images: Sequence, class_names: Sequence[str], *, templates: Sequence[str] = DEFAULT_TEMPLATES,

@@ -252,11 +252,27 @@ class BlipVQA(BlipFeatureExtractor):
     """Ranking scores [B, A] of A candidate answers ([A, Ta] ids / mask) for every question: the
     negative label-smoothed sequence loss, as the originals' `rank_answer` scores them."""
     b, a = question_states.shape[0], answer_ids.shape[0]
-    states, q_mask = jnp.repeat(question_states, a, 0), jnp.repeat(jnp.asarray(question_mask), a, 0)
-    ids, mask = jnp.tile(answer_ids, (b, 1)), jnp.tile(answer_mask, (b, 1))
-    logits = self.answer_logits(states, q_mask, ids, mask)
-    labels = jnp.where(mask == 0, -100, ids)
-    return -lm_loss(logits, labels, label_smoothing=self.config.text.label_smoothing, reduction='none').reshape(b, a)
+    return self._sequence_scores(jnp.repeat(question_states, a, 0), jnp.repeat(jnp.asarray(question_mask), a, 0),
+                                 jnp.tile(answer_ids, (b, 1)), jnp.tile(answer_mask, (b, 1))).reshape(b, a)
+
+  def rank_answers(self, question_states, question_mask, answer_ids, answer_mask, k: int = 128):
+    """The best of A candidate answers for every question (indices [B]) by the originals'
+    `rank_answer`: only the `k` candidates whose first token is likeliest after `[DEC]` are
+    scored (`answer_scores`), so an answer outside them is never picked; all when A <= k."""
+    b, a = question_states.shape[0], answer_ids.shape[0]
+    k = min(k, a)
+    start = jnp.full((b, 1), self.config.bos_token_id, jnp.int32)
+    first = jax.nn.softmax(self.answer_logits(question_states, question_mask, start)[:, 0].astype(jnp.float32), -1)
+    _, top = jax.lax.top_k(first[:, jnp.asarray(answer_ids)[:, 1]], k)  # [B, k] candidate indices
+    scores = self._sequence_scores(jnp.repeat(question_states, k, 0), jnp.repeat(jnp.asarray(question_mask), k, 0),
+                                   jnp.asarray(answer_ids)[top.reshape(-1)], jnp.asarray(answer_mask)[top.reshape(-1)])
+    return jnp.take_along_axis(top, scores.reshape(b, k).argmax(-1)[:, None], 1)[:, 0]
+
+  def _sequence_scores(self, question_states, question_mask, answer_ids, answer_mask):
+    """-(label-smoothed sequence loss) [N] of answer row i given question row i."""
+    logits = self.answer_logits(question_states, question_mask, answer_ids, answer_mask)
+    labels = jnp.where(answer_mask == 0, -100, answer_ids)
+    return -lm_loss(logits, labels, label_smoothing=self.config.text.label_smoothing, reduction='none')
 
   @property
   def answer_decoder(self) -> QuestionConditionedDecoder:

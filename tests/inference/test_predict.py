@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import blip_jax
 from blip_jax import generate, model_io, predict, registry
 from blip_jax.data.tokenizer import BlipTokenizer, HFTokenizer
 from blip_jax.data.transforms import image_function
@@ -141,7 +142,7 @@ def vqa_model(scenes, tmp_path_factory):
   return _tiny_blip(scenes, tmp_path_factory, 'vqa', seed=5)
 
 
-def test_vqa_ranks_a_list_and_generates_with_the_question_mask(scenes, vqa_model, tmp_path):
+def test_vqa_ranks_a_list_and_generates_as_the_original_or_with_the_question_mask(scenes, vqa_model, tmp_path):
   folder, _, _ = scenes
   ckpt, model, tok = vqa_model
   answers = ['red', 'blue', 'two', 'yes', 'no']
@@ -154,15 +155,39 @@ def test_vqa_ranks_a_list_and_generates_with_the_question_mask(scenes, vqa_model
   states = model.question_states(embeds, q_ids, q_mask)
   a_ids, a_mask = tok.encode(answers, 12, 'dec')
   scores = np.asarray(model.answer_scores(states, q_mask, a_ids, a_mask))
-  assert [r['answer'] for r in ranked] == [answers[i] for i in scores.argmax(-1)]
-  # Generation masks the padded question: the same answers as with an unpadded question.
+  assert [r['answer'] for r in ranked] == [answers[i] for i in scores.argmax(-1)]  # k_test 128 >= 5: all scored
+  top2 = _run('vqa', '--checkpoint', ckpt, '--question', question, '--answers', tmp_path / 'answers.txt',
+              '--k-test', 2, *images)
+  picked = np.asarray(model.rank_answers(states, q_mask, a_ids, a_mask, k=2))
+  assert [r['answer'] for r in top2] == [answers[i] for i in picked]
+
+  def beam(question_states):
+    ids = generate.beam_search(model.text_decoder, question_states, np.full((2, 1), tok.bos_token_id, np.int32),
+                               num_beams=3, max_length=10, min_length=1, eos_token_id=tok.sep_token_id,
+                               pad_token_id=tok.pad_token_id)[0][:, 0]
+    return [t.strip() for t in tok.decode(ids)]
+
+  # As the original: the padded question positions are attended (no mask at all).
   generated = _run('vqa', '--checkpoint', ckpt, '--question', question, *images)
+  assert [r['answer'] for r in generated] == beam(states)
+  # Masked: the same answers as from the unpadded question.
+  masked = _run('vqa', '--checkpoint', ckpt, '--question', question, '--mask-question-padding', *images)
   length = int(q_mask[0].sum())
-  unpadded = model.question_states(embeds, q_ids[:, :length], q_mask[:, :length])
-  ids = generate.beam_search(model.text_decoder, unpadded, np.full((2, 1), tok.bos_token_id, np.int32), num_beams=3,
-                             max_length=10, min_length=1, eos_token_id=tok.sep_token_id,
-                             pad_token_id=tok.pad_token_id)[0][:, 0]
-  assert [r['answer'] for r in generated] == [t.strip() for t in tok.decode(ids)]
+  assert [r['answer'] for r in masked] == beam(model.question_states(embeds, q_ids[:, :length], q_mask[:, :length]))
+
+
+def test_a_predictor_answers_each_call_with_its_own_questions_and_answers(scenes, vqa_model):
+  """Compiled functions are cached by name: texts must be arguments, not baked-in constants."""
+  folder, _, _ = scenes
+  ckpt, _, _ = vqa_model
+  images = [folder / 'scene1.png']
+  calls = [(['what color is the circle?'], ['red', 'blue']), (['what color is the circle?'], ['blue', 'red']),
+           (['how many objects are there?'], ['blue', 'red'])]
+  used = blip_jax.Predictor.from_pretrained(ckpt)
+  for questions, answers in calls:  # the same shapes: only the texts differ (a stale list picks the other answer)
+    fresh = blip_jax.Predictor.from_pretrained(ckpt)
+    assert used.vqa(images, questions, answers=answers) == fresh.vqa(images, questions, answers=answers)
+    assert used.vqa(images, questions) == fresh.vqa(images, questions)
 
 
 @pytest.mark.parametrize('family', ['blip', 'clip'])

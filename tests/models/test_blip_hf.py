@@ -152,6 +152,39 @@ def test_vqa_question_states_answer_logits_and_weighted_loss():
   assert_close(loss, ref_loss, 'weighted VQA loss')
 
 
+def test_vqa_rank_keeps_the_k_answers_likeliest_by_first_token_then_scores_them():
+  """A PyTorch statement of the original's `rank_answer` (models/blip_vqa.py) with HF's decoder,
+  each question attended over its real tokens (see the test above)."""
+  hf = build_hf(transformers.BlipForQuestionAnswering, label_smoothing=0.1)
+  model, _, _ = load_torch(hf.state_dict(), task='vqa', **OVERRIDES)
+  x = images()
+  q_ids, q_mask = text_batch(first_token=ENC)
+  g = torch.Generator().manual_seed(0)
+  a_ids = torch.cat([torch.full((12, 1), DEC), torch.randint(5, 90, (12, 3), generator=g), torch.full((12, 1), 3)], 1)
+  a_ids[::3, 3], a_ids[::3, 4] = 3, 0  # some answers one token shorter, padded
+  a_mask = (a_ids != 0).long()
+  k = 2
+  best, best_of_all = [], []
+  with torch.no_grad():
+    vision = hf.vision_model(x).last_hidden_state
+    q_states = hf.text_encoder(q_ids, attention_mask=q_mask, encoder_hidden_states=vision).last_hidden_state
+    for i in range(len(q_ids)):
+      states = q_states[i:i + 1, :int(q_mask[i].sum())]
+      start = hf.text_decoder(torch.tensor([[DEC]]), encoder_hidden_states=states).logits[:, 0]
+      top = start.softmax(-1)[0, a_ids[:, 1]].topk(k).indices
+      log_probs = torch.cat([-hf.text_decoder(a_ids[j:j + 1], attention_mask=a_mask[j:j + 1], encoder_hidden_states=states,
+                                              labels=a_ids[j:j + 1].masked_fill(a_mask[j:j + 1] == 0, -100),
+                                              reduction='none').loss for j in range(len(a_ids))])
+      best.append(int(top[log_probs[top].argmax()]))
+      best_of_all.append(int(log_probs.argmax()))
+  assert best != best_of_all  # the pre-filter matters on these weights: the test tells the two rules apart
+  states = model.question_states(model.image_embeds(nhwc(x)), q_ids.numpy(), q_mask.numpy())
+  picked = model.rank_answers(states, q_mask.numpy(), a_ids.numpy(), a_mask.numpy(), k=k)
+  assert np.asarray(picked).tolist() == best
+  everything = model.rank_answers(states, q_mask.numpy(), a_ids.numpy(), a_mask.numpy(), k=128)  # k >= A: all scored
+  assert np.asarray(everything).tolist() == best_of_all
+
+
 def test_lm_loss_matches_torch_cross_entropy():
   g = torch.Generator().manual_seed(0)
   logits = torch.randn(3, 7, 11, generator=g)
