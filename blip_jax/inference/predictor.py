@@ -130,7 +130,9 @@ class Predictor:
                        f'model ({self.model_class.__name__})')
 
   def run(self, name: str, fn: Callable, *args):
-    """`fn(model, *args)` jitted once per name (and shapes) on the split state."""
+    """`fn(model, *args)` jitted once per name (and shapes) on the split state. The first `fn`
+    given a name is the one compiled, for new shapes too: everything that varies between calls
+    must be an argument or part of the name, never a value `fn` closes over."""
     if name not in self._jitted:
       graphdef = self.graphdef
       self._jitted[name] = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))
@@ -161,17 +163,15 @@ class Predictor:
     self.require('caption', 'image_embeds', 'caption_decoder')
     s = CaptionSettings(**settings)
     prompt = getattr(self.config, 'prompt', '') if prompt is None else prompt
-    ids, confidence = self._generate(f'caption:{s}:{prompt}', images, self.tokenizer.decoder_prompt(prompt), s, seed)
+    ids, confidence = self._generate(f'caption:{s}', images, self.tokenizer.decoder_prompt(prompt), s, seed)
     texts = self.tokenizer.decode_captions(ids, prompt)
     return (texts, confidence) if return_confidence else texts
 
   def _generate(self, name, images, prompt_ids, s: CaptionSettings, seed: int):
     """Generated ids [N, L] (prompt included) and confidences [N] of every image, from `prompt_ids`
     [1, P] through the model's caption decoder."""
-    prompt_ids = jnp.asarray(prompt_ids)
-    p = prompt_ids.shape[1]
-
-    def decode(m, x, key):
+    def decode(m, x, prompt_ids, key):  # the prompt an argument: the compiled function serves every prompt
+      p = prompt_ids.shape[1]
       embeds = m.image_embeds(x)
       decoder, condition = m.caption_decoder(embeds)
       special = m.caption_token_ids()
@@ -189,7 +189,7 @@ class Predictor:
       real = (ids != special['pad_token_id']).astype(jnp.int32)
       return ids, confidence(m.caption_logits(embeds, ids, real), ids, p, special['pad_token_id'])
 
-    return self.map_images(name, decode, images, seed=seed)
+    return self.map_images(name, decode, images, jnp.asarray(prompt_ids), seed=seed)
 
   def itm(self, images: Sequence, texts: Sequence[str]) -> dict[str, np.ndarray]:
     """Every image against every text: {'itm': match probability [N_img, N_txt] (the ITM head;
@@ -199,11 +199,10 @@ class Predictor:
     if not texts:
       raise ValueError('itm needs at least one text')
     ids, mask = self.tokenize(texts)
-    n = len(texts)
 
     def scores(m, x, ids, mask):
       embeds = m.image_embeds(x)
-      b = x.shape[0]
+      b, n = x.shape[0], ids.shape[0]
       itc = m.similarity(m.image_features(embeds), m.encode_text(ids, mask))
       logits = m.itm_logits(jnp.repeat(embeds, n, 0), jnp.tile(ids, (b, 1)), jnp.tile(mask, (b, 1)))
       return jax.nn.softmax(logits, -1)[:, 1].reshape(b, n), itc
@@ -284,7 +283,7 @@ class Predictor:
       prompt_ids = self.tokenizer.decoder_prompt(vqa_prompt.format(question))
       s = CaptionSettings(num_beams=num_beams or 5, max_length=prompt_ids.shape[1] + 10, min_length=1,
                           length_penalty=-1.0)
-      ids, _ = self._generate(f'vqa:{prompt_ids.shape}', images, prompt_ids, s, 0)
+      ids, _ = self._generate(f'vqa:{s}', images, prompt_ids, s, 0)
       for row, text in zip(out, self.tokenizer.decode(ids[:, prompt_ids.shape[1]:])):
         row.append(text.strip())
     return out
@@ -293,12 +292,10 @@ class Predictor:
     from blip_jax.data.text import pre_question
     q_ids, q_mask = self.tokenizer.encode([pre_question(q) for q in questions], self.family.text_length(self.config),
                                           'enc')
-    n = len(questions)
 
-    # Questions and answers are arguments, not constants of the compiled function (which is
-    # cached by name): another call with other texts reuses it with its own.
+    # Questions and answers are arguments, not constants of the compiled function (see `run`).
     def states(m, x, q_ids, q_mask):
-      b = x.shape[0]
+      b, n = x.shape[0], q_ids.shape[0]
       mask = jnp.tile(q_mask, (b, 1))
       return m.question_states(jnp.repeat(m.image_embeds(x), n, 0), jnp.tile(q_ids, (b, 1)), mask), mask
 
@@ -310,7 +307,7 @@ class Predictor:
 
       def best(m, x, q_ids, q_mask, a_ids, a_mask):
         s, mask = states(m, x, q_ids, q_mask)
-        return m.rank_answers(s, mask, a_ids, a_mask, k_test).reshape(x.shape[0], n)
+        return m.rank_answers(s, mask, a_ids, a_mask, k_test).reshape(x.shape[0], -1)
 
       picked = self.map_images(f'vqa_rank:{k_test}', best, images, q_ids, q_mask, a_ids, a_mask)
       return [[answers[j] for j in row] for row in picked]
@@ -318,10 +315,10 @@ class Predictor:
     def answer(m, x, q_ids, q_mask):
       s, mask = states(m, x, q_ids, q_mask)
       mask = mask if mask_question_padding else jnp.ones_like(mask)
-      start = jnp.full((x.shape[0] * n, 1), tok.bos_token_id, jnp.int32)
+      start = jnp.full((s.shape[0], 1), tok.bos_token_id, jnp.int32)
       ids = generate.beam_search(m.answer_decoder, (s, mask), start, num_beams=num_beams, max_length=10, min_length=1,
                                  eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)[0][:, 0]
-      return ids.reshape(x.shape[0], n, -1)
+      return ids.reshape(x.shape[0], q_ids.shape[0], -1)
 
     ids = self.map_images(f'vqa_generate:{num_beams}:{mask_question_padding}', answer, images, q_ids, q_mask)
     return [[t.strip() for t in tok.decode(row)] for row in ids]

@@ -176,18 +176,25 @@ def test_vqa_ranks_a_list_and_generates_as_the_original_or_with_the_question_mas
   assert [r['answer'] for r in masked] == beam(model.question_states(embeds, q_ids[:, :length], q_mask[:, :length]))
 
 
-def test_a_predictor_answers_each_call_with_its_own_questions_and_answers(scenes, vqa_model):
-  """Compiled functions are cached by name: texts must be arguments, not baked-in constants."""
+def test_a_predictor_answers_each_call_with_its_own_texts(scenes, vqa_model, pretrained):
+  """Compiled functions are cached by name: texts must be arguments, not baked-in constants, for
+  calls of the same shapes (a stale answer list picks the other answer) and of new ones."""
   folder, _, _ = scenes
-  ckpt, _, _ = vqa_model
   images = [folder / 'scene1.png']
-  calls = [(['what color is the circle?'], ['red', 'blue']), (['what color is the circle?'], ['blue', 'red']),
-           (['how many objects are there?'], ['blue', 'red'])]
-  used = blip_jax.Predictor.from_pretrained(ckpt)
-  for questions, answers in calls:  # the same shapes: only the texts differ (a stale list picks the other answer)
-    fresh = blip_jax.Predictor.from_pretrained(ckpt)
+  used = blip_jax.Predictor.from_pretrained(vqa_model[0])
+  for questions, answers in [(['what color is the circle?'], ['red', 'blue']),
+                             (['what color is the circle?'], ['blue', 'red']),
+                             (['how many objects are there?', 'is it left?'], ['blue', 'red', 'two'])]:
+    fresh = blip_jax.Predictor.from_pretrained(vqa_model[0])
     assert used.vqa(images, questions, answers=answers) == fresh.vqa(images, questions, answers=answers)
     assert used.vqa(images, questions) == fresh.vqa(images, questions)
+  used = blip_jax.Predictor.from_pretrained(pretrained[0])
+  for texts, prompt in [(['a red circle', 'a blue square'], 'a picture of '), (['a blue square', 'a red circle',
+                                                                                   'two objects'], 'a photo of ')]:
+    fresh = blip_jax.Predictor.from_pretrained(pretrained[0])
+    for key in ('itm', 'itc'):
+      np.testing.assert_allclose(used.itm(images, texts)[key], fresh.itm(images, texts)[key], atol=1e-6)
+    assert used.caption(images, prompt=prompt, num_beams=1) == fresh.caption(images, prompt=prompt, num_beams=1)
 
 
 @pytest.mark.parametrize('family', ['blip', 'clip'])
