@@ -151,8 +151,8 @@ def _too_little_space(path):
   return shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
 
 
-@pytest.mark.parametrize('fault', ['full mid-write', 'too little space'])
-def test_a_full_disk_stops_the_run_with_one_error_and_leaves_no_partial_checkpoint(
+@pytest.mark.parametrize('fault', ['full mid-write', 'too little space', 'read-only'])
+def test_a_full_or_read_only_disk_stops_the_run_with_one_error_and_leaves_no_partial_checkpoint(
     fault, trained, scenes_dir, tmp_path, monkeypatch):
   import orbax.checkpoint as ocp
 
@@ -163,9 +163,13 @@ def test_a_full_disk_stops_the_run_with_one_error_and_leaves_no_partial_checkpoi
     if fault == 'full mid-write':
       m.setattr(ocp.CheckpointManager, 'save', _disk_fills_while_orbax_writes)
       message = 'checkpoints: the disk is full'
-    else:
+    elif fault == 'too little space':
       m.setattr(shutil, 'disk_usage', _too_little_space)
       message = r'checkpoints: not enough space: 1000 bytes free there; about \d+\.\d [KM]iB needed'
+    else:
+      access = os.access
+      m.setattr(os, 'access', lambda path, mode: not str(path).startswith(str(tmp_path)) and access(path, mode))
+      message = r'checkpoints: cannot write there \(.*checkpoints is read-only or not writable\)'
     with pytest.raises(storage.OutputError, match=rf'^{workdir}/{message}'):
       loop.train_and_evaluate(_config(scenes_dir, 6), str(workdir))
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['2', '4']  # no *.orbax-checkpoint-tmp
