@@ -81,8 +81,8 @@ def save(out_dir, model: nnx.Module, config, *, task: str, dtype: str = 'float32
       storage.remove(partial)
 
   with storage.writing(out_dir, needed, cleanup):
+    storage.check_writable(out_dir, needed)  # by every process: none waits at the barrier for one that stopped
     if primary:
-      storage.check_writable(out_dir, needed)
       storage.remove(partial)
       os.makedirs(partial)
     distributed.barrier(f'model_io.save: {partial} prepared')

@@ -46,8 +46,9 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict) -> None
   """Starts writing checkpoint `step` (orbax finishes it in the background: see `finish`)."""
   needed = sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(state))
   with _writing(mgr, needed):
-    if distributed.is_primary():
-      storage.check_writable(os.fspath(mgr.directory), needed)
+    # Every process checks (not only the first), so that none goes on into orbax's save and
+    # waits there for one that stopped.
+    storage.check_writable(os.fspath(mgr.directory), needed)
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
 
 
@@ -59,16 +60,16 @@ def finish(mgr: ocp.CheckpointManager) -> None:
 
 @contextlib.contextmanager
 def _writing(mgr, needed: int = 0):
-  directory_ = os.fspath(mgr.directory)
+  folder = os.fspath(mgr.directory)
 
   def cleanup():
     with contextlib.suppress(Exception):  # the background write ends, with the same error
       mgr.wait_until_finished()
     if distributed.is_primary():
-      for partial in glob.glob(os.path.join(directory_, '*.orbax-checkpoint-tmp*')):
+      for partial in glob.glob(os.path.join(folder, '*.orbax-checkpoint-tmp*')):
         storage.remove(partial)
 
-  with storage.writing(directory_, needed, cleanup):
+  with storage.writing(folder, needed, cleanup):
     yield
 
 
