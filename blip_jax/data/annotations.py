@@ -163,8 +163,10 @@ class BlipAnnotationsConfig(tfds.core.BuilderConfig):
 class BlipAnnotations(tfds.core.GeneratorBasedBuilder):
   """Image-text data on local disk in BLIP's annotation JSON formats."""
 
-  VERSION = tfds.core.Version('1.1.0')
-  RELEASE_NOTES = {'1.1.0': 'caption task: one record per image with all its captions (was one per entry)'}
+  VERSION = tfds.core.Version('1.2.0')
+  RELEASE_NOTES = {'1.1.0': 'caption task: one record per image with all its captions (was one per entry)',
+                   '1.2.0': 'CMYK, 16-bit, RGBA and palette images stored as their RGB pixels (image_files); '
+                            'image paths outside image_root refused unless images_outside_root'}
 
   def _info(self):
     task = self.builder_config.task
