@@ -217,14 +217,10 @@ class Index:
   def append(self, paths: list[str], features: np.ndarray) -> None:
     os.makedirs(self.folder, exist_ok=True)
     if not os.path.exists(self.meta_path):
-      with open(self.meta_path, 'w') as f:
-        json.dump(self.meta, f)
-    number = len(self.shards())
-    tmp = os.path.join(self.folder, f'.shard-{number:05d}.tmp.npz')
-    shard = os.path.join(self.folder, f'shard-{number:05d}.npz')
-    with storage.writing(shard, features.nbytes, lambda: storage.remove(tmp)):
-      np.savez(tmp, paths=np.asarray(paths), features=features)
-      os.replace(tmp, shard)  # whole shards only
+      storage.write_atomic(self.meta_path, json.dumps(self.meta).encode())
+    shard = io.BytesIO()
+    np.savez(shard, paths=np.asarray(paths), features=features)
+    storage.write_atomic(os.path.join(self.folder, f'shard-{len(self.shards()):05d}.npz'), shard.getvalue())
 
 
 def build_index(p, args) -> int:

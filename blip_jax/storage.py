@@ -5,6 +5,7 @@ known), and whatever was half written removed, so no later run mistakes it for a
     check_writable(path, needed)      # before writing: refuse a read-only place or too little space
     with writing(path, needed, cleanup):  # while writing: a full / read-only disk -> OutputError
       ...
+    write_atomic(path, data)          # one file, whole or not at all
 
 Orbax and tensorstore report a full disk as `ValueError('RESOURCE_EXHAUSTED: ... No space left
 on device')`, Python as `OSError(ENOSPC)`; both are recognised.
@@ -101,3 +102,13 @@ def writing(path: str, needed: int = 0, cleanup: Callable[[], None] | None = Non
     if problem is None:
       raise
     raise problem from e
+
+
+def write_atomic(path: str, data: bytes) -> None:
+  """Write `data` through a temporary file beside `path` and a rename, so a kill or a full disk
+  leaves no partial file (a full or read-only disk is an `OutputError` naming `path`)."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with writing(path, len(data), lambda: remove(tmp)):
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)

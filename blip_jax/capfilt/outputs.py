@@ -19,16 +19,6 @@ from blip_jax.cli import InputError
 from blip_jax.data import image_files
 
 
-def write_atomic(path: str, data: bytes) -> None:
-  """Write through a temporary file and a rename, so a killed run or a full disk leaves no partial
-  file (a full or read-only disk is a `storage.OutputError` naming `path`)."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with storage.writing(path, len(data), lambda: storage.remove(tmp)):
-    with open(tmp, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-
-
 def part_path(out: str, process: int, chunk: int) -> str:
   return os.path.join(out, 'parts', f'part-{process:05d}-{chunk:05d}.jsonl')
 
@@ -62,7 +52,7 @@ class ImageWriter:
       name, data = image_file(self.split, r, rec['image'])
       path = os.path.join(self.root, name)
       if not os.path.exists(path):
-        write_atomic(path, data)
+        storage.write_atomic(path, data)
       names[r] = name
     return names
 
@@ -75,7 +65,7 @@ def copy_split(b, family: str, split: str, out: str) -> str:
   names = ImageWriter(b, split, out)(range(len(texts)))
   entries = [{'image': names[r], 'caption': caps, 'image_id': image_ids[r]} for r, caps in enumerate(texts)]
   path = os.path.join(out, f'{split}.json')
-  write_atomic(path, json.dumps(entries).encode())
+  storage.write_atomic(path, json.dumps(entries).encode())
   return path
 
 
@@ -93,7 +83,7 @@ def check_settings(out: str, settings: dict) -> None:
   elif os.path.isdir(os.path.join(out, 'parts')) and os.listdir(os.path.join(out, 'parts')):
     raise InputError(f'--out {out} holds parts/ but no settings.json; use another --out')
   elif jax.process_index() == 0:
-    write_atomic(path, json.dumps(settings, indent=1).encode())
+    storage.write_atomic(path, json.dumps(settings, indent=1).encode())
 
 
 def model_fingerprint(path: str) -> str:
@@ -165,5 +155,5 @@ def finish(out: str, rows: list[dict], threshold: float) -> tuple[str, int]:
   if os.path.exists(path) and pathlib.Path(path).read_bytes() != data:
     # configs/pretrain_capfilt.py builds its dataset under OUT/tfds: a new output needs a new build.
     shutil.rmtree(os.path.join(out, 'tfds'), ignore_errors=True)
-  write_atomic(path, data)
+  storage.write_atomic(path, data)
   return path, len(kept)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import tqdm
 
-from blip_jax import cli, distributed
+from blip_jax import cli, distributed, storage
 from blip_jax.capfilt import data as data_lib
 from blip_jax.capfilt import models, outputs
 from blip_jax.capfilt.step import SAMPLING, batch_key, jitted_step
@@ -158,7 +158,7 @@ class Run:
     images, self.clock = 0, Clock()
     for chunk in todo:
       rows = self.process(chunk, [next(loaded) for _ in chunks.steps(chunk)])
-      outputs.write_atomic(outputs.part_path(self.args.out, jax.process_index(), chunk),
+      storage.write_atomic(outputs.part_path(self.args.out, jax.process_index(), chunk),
                    ''.join(json.dumps(row) + '\n' for row in rows).encode())
       images += chunks.chunk_images(chunk)
       bar.update(chunks.chunk_images(chunk))
@@ -244,7 +244,7 @@ def run(argv=None) -> dict:
     shutil.copy(os.path.join(args.captioner, 'vocab.txt'), os.path.join(args.out, 'vocab.txt'))  # for pretraining
     copied = [outputs.copy_split(b, family, split, args.out) for split in args.copy_split]
     path, kept = outputs.finish(args.out, rows, args.threshold)
-    outputs.write_atomic(os.path.join(args.out, 'summary.json'), json.dumps(summary, indent=1).encode())
+    storage.write_atomic(os.path.join(args.out, 'summary.json'), json.dumps(summary, indent=1).encode())
     print(outputs.format_summary(summary, f'{args.data}:{args.split}', processed, rate, jax.device_count()))
     print(f'wrote {path}: {kept} captions of {summary["images"]} images (image_root {args.out}/images)'
           + ''.join(f'\nwrote {p}' for p in copied), flush=True)

@@ -259,13 +259,14 @@ class BlipVQA(BlipFeatureExtractor):
     """The best of A candidate answers for every question (indices [B]) by the originals'
     `rank_answer`: only the `k` candidates whose first token is likeliest after `[DEC]` are
     scored (`answer_scores`), so an answer outside them is never picked; all when A <= k."""
-    b, a = question_states.shape[0], answer_ids.shape[0]
-    k = min(k, a)
+    answer_ids, answer_mask, question_mask = map(jnp.asarray, (answer_ids, answer_mask, question_mask))
+    b, k = question_states.shape[0], min(k, answer_ids.shape[0])
     start = jnp.full((b, 1), self.config.bos_token_id, jnp.int32)
     first = jax.nn.softmax(self.answer_logits(question_states, question_mask, start)[:, 0].astype(jnp.float32), -1)
-    _, top = jax.lax.top_k(first[:, jnp.asarray(answer_ids)[:, 1]], k)  # [B, k] candidate indices
-    scores = self._sequence_scores(jnp.repeat(question_states, k, 0), jnp.repeat(jnp.asarray(question_mask), k, 0),
-                                   jnp.asarray(answer_ids)[top.reshape(-1)], jnp.asarray(answer_mask)[top.reshape(-1)])
+    _, top = jax.lax.top_k(first[:, answer_ids[:, 1]], k)  # [B, k] candidate indices
+    rows = top.reshape(-1)
+    scores = self._sequence_scores(jnp.repeat(question_states, k, 0), jnp.repeat(question_mask, k, 0),
+                                   answer_ids[rows], answer_mask[rows])
     return jnp.take_along_axis(top, scores.reshape(b, k).argmax(-1)[:, None], 1)[:, 0]
 
   def _sequence_scores(self, question_states, question_mask, answer_ids, answer_mask):

@@ -50,8 +50,9 @@ def unique_weights(model: nnx.Module) -> dict[str, nnx.Variable]:
 def nonfinite_error(model: nnx.Module, source: str) -> str | None:
   """The message naming `source` and the model's weights that hold NaN or Inf (a damaged
   checkpoint, or one saved from a diverged run), or None when every weight is finite."""
-  bad = [path for path, var in unique_weights(model).items()
-         if jnp.issubdtype(var.dtype, jnp.floating) and not bool(jnp.isfinite(var.get_value()).all())]
+  floating = {path: var for path, var in unique_weights(model).items() if jnp.issubdtype(var.dtype, jnp.floating)}
+  finite = jax.device_get({path: jnp.isfinite(var.get_value()).all() for path, var in floating.items()})  # one fetch
+  bad = [path for path, ok in finite.items() if not ok]
   if not bad:
     return None
   more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''

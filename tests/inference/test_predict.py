@@ -3,6 +3,7 @@ synthetic_scenes images: every subcommand's output equals the model functions it
 computed here directly; bad inputs are reported and skipped."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -383,7 +384,7 @@ def test_a_full_disk_is_one_error_naming_the_output_and_leaves_no_partial_shard(
   assert err.startswith(f'error: {out}: the disk is full') and err.count('\n') == 1, err
   index = tmp_path / 'index'
   index.mkdir()
-  (index / '.shard-00000.tmp.npz').symlink_to('/dev/full')
+  (index / f'shard-00000.npz.tmp{os.getpid()}').symlink_to('/dev/full')
   assert predict.main(['retrieve', '--checkpoint', str(ckpt), '--index', str(index), str(folder)]) == 2
   err = capsys.readouterr().err
   assert err.startswith(f'error: {index / "shard-00000.npz"}: the disk is full'), err
