@@ -46,10 +46,13 @@ def parse_args(argv):
 
 
 def describe(config) -> str:
-  """One line of the sizes that were inferred, e.g. 'ViT 768x12 patch 16 @ 384 | text 768x12'."""
+  """One line of the sizes that were inferred, e.g. 'ViT 768x12 patch 16 @ 384 | text 768x12' or
+  'ResNet 3-4-6-3 width 64 @ 224 | text 512x12'."""
   parts = []
   vision = getattr(config, 'vision', None)
-  if vision is not None:
+  if hasattr(vision, 'layers'):  # CLIP's ResNet
+    parts.append(f'ResNet {"-".join(map(str, vision.layers))} width {vision.width} @ {vision.image_size}')
+  elif vision is not None:
     parts.append(f'ViT {vision.width}x{vision.depth} patch {vision.patch_size} @ {vision.image_size}')
   for name in ('text', 'qformer', 'opt'):
     tower = getattr(config, name, None)

@@ -154,10 +154,12 @@ def config_from_dict(cls, values: Mapping[str, Any], *, where: str = 'config'):
     raise ValueError(f'{where}: unknown {cls.__name__} fields {sorted(unknown)}; it has {sorted(names)}')
   kwargs = {}
   for name, value in values.items():
-    if isinstance(value, Mapping):  # a nested config, possibly Optional
+    if isinstance(value, Mapping):  # a nested config, possibly Optional or one of several kinds
       nested = [t for t in (hints[name], *typing.get_args(hints[name])) if dataclasses.is_dataclass(t)]
+      # The first kind that has every given field (CLIP's `vision`: a ViT, or a ResNet by its `layers`).
+      fitting = [t for t in nested if set(value) <= {f.name for f in dataclasses.fields(t)}]
       if nested:
-        value = config_from_dict(nested[0], value, where=f'{where}.{name}')
+        value = config_from_dict((fitting or nested)[0], value, where=f'{where}.{name}')
     kwargs[name] = tuple(value) if isinstance(value, list) else value
   return cls(**kwargs)
 

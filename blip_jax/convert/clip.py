@@ -1,5 +1,5 @@
-"""CLIP checkpoints (OpenAI TorchScript / open_clip state dicts, HF `CLIPModel` and
-`ChineseCLIPModel`) -> blip_jax CLIP / ChineseCLIP.
+"""CLIP checkpoints (OpenAI TorchScript / open_clip state dicts, ViT or ResNet image tower; HF
+`CLIPModel` and `ChineseCLIPModel`) -> blip_jax CLIP / ChineseCLIP.
 
 Every layout is renamed to the torch-style names of our modules (`visual.blocks.0.attn.qkv.weight`,
 `transformer.resblocks.0.norm1.weight`, ...), with HF's separate q/k/v fused and its
@@ -25,6 +25,7 @@ from blip_jax.convert.tree import (
 )
 from blip_jax.models import clip as clip_models
 from blip_jax.models.bert import BertConfig
+from blip_jax.models.clip_resnet import ModifiedResNetConfig
 from blip_jax.models.variables import build_abstract, materialise_initial_values
 
 _BLOCK_RENAMES = (
@@ -55,6 +56,7 @@ HF_RENAMES = (
     (r'^text_projection\.weight$', 'text_projection'),
 ) + _BLOCK_RENAMES
 EXPECTED_UNUSED = (
+    (r'\.num_batches_tracked$', 'BatchNorm step counter, not used in eval mode'),
     (r'\.position_ids$', 'buffer (position indices), not a parameter'),
     (r'^(input_resolution|context_length|vocab_size)$', 'OpenAI archive metadata, read from shapes'),
     (r'attn_mask$', 'causal mask buffer, rebuilt by the model'),
@@ -64,7 +66,8 @@ EXPECTED_UNUSED = (
 def detect_layout(keys) -> str:
   keys = set(keys)
   if 'visual.conv1.weight' in keys and 'token_embedding.weight' in keys:
-    return 'openai'
+    # OpenAI's ModifiedResNet (RN50, ...) has a stem `conv1` too; its attention pool tells it apart.
+    return 'openai-resnet' if 'visual.attnpool.positional_embedding' in keys else 'openai'
   if {'vision_model.embeddings.patch_embedding.weight',
       'text_model.embeddings.word_embeddings.weight'} <= keys:
     return 'huggingface-chinese-clip'
@@ -78,7 +81,9 @@ def detect_layout(keys) -> str:
 
 
 def normalise(tensors: TensorStore, layout: str) -> TensorStore:
-  out = tensors.renamed(renamer(OPENAI_RENAMES if layout == 'openai' else HF_RENAMES))
+  # The ResNet's keys are our module names already; only the text blocks are renamed.
+  renames = {'openai': OPENAI_RENAMES, 'openai-resnet': _BLOCK_RENAMES}.get(layout, HF_RENAMES)
+  out = tensors.renamed(renamer(renames))
   if layout.startswith('huggingface'):
     # Fuse q/k/v (rows [q; k; v], as OpenAI's in_proj) and turn Linear weights into x @ P.
     for key in [k for k in out if '.self_attn.q_proj.' in k]:
@@ -99,6 +104,14 @@ def _hf_fields(section: dict, names) -> dict:
 
 
 HF_FIELDS = (('num_heads', 'num_attention_heads'), ('ln_eps', 'layer_norm_eps'), ('act', 'hidden_act'))
+
+
+def _resnet_config(t) -> dict:
+  """OpenAI's `build_model` for ResNets: blocks per stage, stem width, and the image size from
+  the attention pool's positional embedding (one row per cell of the 32x smaller grid, + 1)."""
+  grid = int(round((t['visual.attnpool.positional_embedding'].shape[0] - 1) ** 0.5))
+  return dict(layers=tuple(count_indexed(t, rf'visual\.layer{i}\.(\d+)\.') for i in range(1, 5)),
+              width=t['visual.layer1.0.conv1.weight'].shape[0], image_size=grid * 32)
 
 
 def _vision_config(t, hf_config) -> dict:
@@ -140,26 +153,30 @@ def _bert_text_config(t, hf_config) -> dict:
 
 def infer_config(t, layout, hf_config, act, overrides):
   """CLIPConfig / ChineseCLIPConfig from shapes; an HF config.json adds heads, eps, activation."""
-  chinese = layout == 'huggingface-chinese-clip'
-  vision = _vision_config(t, hf_config)
+  chinese, resnet = layout == 'huggingface-chinese-clip', layout == 'openai-resnet'
+  vision = _resnet_config(t) if resnet else _vision_config(t, hf_config)
   text = _bert_text_config(t, hf_config) if chinese else _clip_text_config(t, hf_config)
+  # The activation of the transformers (the ResNet's is ReLU): OpenAI's and HF's configs say it,
+  # a plain state dict does not.
+  towers = ([] if resnet else [vision]) + ([] if chinese else [text])
   if act is not None:
-    vision['act'] = act
-    if not chinese:
-      text['act'] = act
-  if 'act' not in vision:
+    for tower in towers:
+      tower['act'] = act
+  act = act or next((tower['act'] for tower in towers if 'act' in tower), None)
+  if act is None:
     raise ConversionError('the activation cannot be read from a CLIP state dict: OpenAI weights use '
                           "act='quick_gelu', open_clip models without '-quickgelu' use act='gelu'; "
                           'pass act=... (TorchScript archives and HF folders need none)')
-  text.setdefault('act', vision['act'])
-  for d in (vision, text):
-    if d['act'] not in ('gelu', 'quick_gelu'):
-      raise ConversionError(f"unsupported CLIP activation {d['act']!r}")
+  for tower in towers:
+    tower.setdefault('act', act)
+    if tower['act'] not in ('gelu', 'quick_gelu'):
+      raise ConversionError(f"unsupported CLIP activation {tower['act']!r}")
   overrides = merge_overrides(overrides, vision, text=text)
   text_cls = BertConfig if chinese else clip_models.CLIPTextConfig
   config_cls = clip_models.ChineseCLIPConfig if chinese else clip_models.CLIPConfig
+  vision_cls = ModifiedResNetConfig if resnet else clip_models.clip_vision_config
   try:
-    return config_cls(vision=clip_models.clip_vision_config(**vision), text=text_cls(**text),
+    return config_cls(vision=vision_cls(**vision), text=text_cls(**text),
                       embed_dim=t['text_projection'].shape[1], **overrides)
   except TypeError as e:
     raise ConversionError(f'bad config override: {e}') from e

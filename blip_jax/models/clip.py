@@ -1,12 +1,13 @@
-"""CLIP (OpenAI / open_clip / HF `CLIPModel`): a ViT image tower and a causal text transformer;
-Chinese-CLIP (HF `ChineseCLIPModel`): the same image tower with a BERT text tower.
+"""CLIP (OpenAI / open_clip / HF `CLIPModel`): a ViT or ResNet image tower and a causal text
+transformer; Chinese-CLIP (HF `ChineseCLIPModel`): the same image towers with a BERT text tower.
 
 The image tower is the project's ViT in its CLIP variant (no patch bias, `ln_pre`, no final
 norm, QuickGELU or GELU) plus `ln_post` on the class token and the projection `proj`; the text
 tower reuses the same pre-norm block. Projections are used as `x @ P`, as OpenAI stores them.
 Attribute names follow the OpenAI module names (`token_embedding`, `positional_embedding`,
 `transformer.resblocks[i]`, `ln_final`, `text_projection`, `logit_scale`); inside the image
-tower they follow the shared ViT (`visual.blocks[i].attn.qkv`, ...).
+tower they follow the shared ViT (`visual.blocks[i].attn.qkv`, ...) or OpenAI's ResNet
+(`clip_resnet.py`, chosen by a `ModifiedResNetConfig` as `vision`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flax import nnx
 
 from blip_jax.models import layers
 from blip_jax.models.bert import BertConfig, BertModel
+from blip_jax.models.clip_resnet import ModifiedResNet, ModifiedResNetConfig  # noqa: F401 (re-exported)
 from blip_jax.models.vit import Block, VisionTransformer, ViTConfig
 
 
@@ -38,7 +40,7 @@ class CLIPTextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-  vision: ViTConfig = ViTConfig()
+  vision: ViTConfig | ModifiedResNetConfig = ViTConfig()
   text: CLIPTextConfig = CLIPTextConfig()
   embed_dim: int = 512
 
@@ -48,8 +50,18 @@ def clip_vision_config(**kw) -> ViTConfig:
                       'act': 'quick_gelu', **kw})
 
 
-# OpenAI's released architectures (text: width 512/768, 12 layers, heads = width / 64).
+def _resnet(layers, width, image_size, text_width, embed_dim):
+  return dict(vision=dict(layers=layers, width=width, image_size=image_size),
+              text=dict(width=text_width, num_heads=text_width // 64), embed_dim=embed_dim)
+
+
+# OpenAI's released architectures (text: 12 layers, heads = width / 64).
 CLIP_VARIANTS = {
+    'RN50': _resnet((3, 4, 6, 3), 64, 224, 512, 1024),
+    'RN101': _resnet((3, 4, 23, 3), 64, 224, 512, 512),
+    'RN50x4': _resnet((4, 6, 10, 6), 80, 288, 640, 640),
+    'RN50x16': _resnet((6, 8, 18, 8), 96, 384, 768, 768),
+    'RN50x64': _resnet((3, 15, 36, 10), 128, 448, 1024, 1024),
     'ViT-B/32': dict(vision=dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=32,
                                  image_size=224), text=dict(width=512, num_heads=8), embed_dim=512),
     'ViT-B/16': dict(vision=dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16,
@@ -63,11 +75,13 @@ CLIP_VARIANTS = {
 
 def clip_config(variant: str = 'ViT-B/16', *, vision: dict | None = None, text: dict | None = None,
                 **overrides) -> CLIPConfig:
-  """Named CLIP config ('ViT-B/32', 'ViT-B/16', 'ViT-L/14', 'ViT-L/14-336') with overrides."""
+  """Named CLIP config ('RN50', ..., 'RN50x64', 'ViT-B/32', 'ViT-B/16', 'ViT-L/14', 'ViT-L/14-336')
+  with overrides."""
   if variant not in CLIP_VARIANTS:
     raise ValueError(f'unknown CLIP variant {variant!r}; expected one of {sorted(CLIP_VARIANTS)}')
   base = CLIP_VARIANTS[variant]
-  return CLIPConfig(vision=clip_vision_config(**{**base['vision'], **(vision or {})}),
+  vision_cls = ModifiedResNetConfig if 'layers' in base['vision'] else clip_vision_config
+  return CLIPConfig(vision=vision_cls(**{**base['vision'], **(vision or {})}),
                     text=CLIPTextConfig(**{**base['text'], **(text or {})}),
                     **{'embed_dim': base['embed_dim'], **overrides})
 
@@ -98,7 +112,10 @@ class _TwoTowers(nnx.Module):
 
   def __init__(self, cfg, text_width: int, *, rngs: nnx.Rngs):
     self.config = cfg
-    self.visual = CLIPVisual(cfg.vision, cfg.embed_dim, rngs=rngs)
+    if isinstance(cfg.vision, ModifiedResNetConfig):
+      self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim, rngs=rngs)
+    else:
+      self.visual = CLIPVisual(cfg.vision, cfg.embed_dim, rngs=rngs)
     self.text_projection = nnx.Param(layers.INIT(rngs.params(), (text_width, cfg.embed_dim)))
     self.logit_scale = nnx.Param(jnp.array(jnp.log(1 / 0.07), jnp.float32))
 
@@ -179,7 +196,7 @@ class CLIP(_TwoTowers):
 
 @dataclasses.dataclass(frozen=True)
 class ChineseCLIPConfig:
-  vision: ViTConfig = ViTConfig()
+  vision: ViTConfig | ModifiedResNetConfig = ViTConfig()
   text: BertConfig = BertConfig(vocab_size=21128, add_cross_attention=False, type_vocab_size=2,
                                 hidden_dropout=0.0, attention_dropout=0.0)
   embed_dim: int = 512

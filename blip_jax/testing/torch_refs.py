@@ -6,6 +6,7 @@ changes the numbers instead of cancelling out.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import re
@@ -327,10 +328,99 @@ class OpenAIVisual(torch.nn.Module):
     return self.ln_post(x[:, 0]) @ self.proj
 
 
-class OpenAICLIP(torch.nn.Module):
-  def __init__(self, ctx=8, vocab=40, width=16, layers=2, heads=2, embed=12, vision_width=24, vision_heads=2):
+class OpenAIBottleneck(torch.nn.Module):
+  """`model.py` Bottleneck: 1x1, 3x3, avg-pool when strided, 1x1 (x4); shortcut avg-pool + 1x1."""
+
+  def __init__(self, cin, planes, stride):
     super().__init__()
-    self.visual = OpenAIVisual(32, 8, vision_width, 2, vision_heads, embed)
+    bn, conv = torch.nn.BatchNorm2d, torch.nn.Conv2d
+    self.conv1, self.bn1 = conv(cin, planes, 1, bias=False), bn(planes)
+    self.conv2, self.bn2 = conv(planes, planes, 3, padding=1, bias=False), bn(planes)
+    self.avgpool = torch.nn.AvgPool2d(stride) if stride > 1 else torch.nn.Identity()
+    self.conv3, self.bn3 = conv(planes, planes * 4, 1, bias=False), bn(planes * 4)
+    self.downsample = None
+    if stride > 1 or cin != planes * 4:
+      self.downsample = torch.nn.Sequential(collections.OrderedDict([
+          ('-1', torch.nn.AvgPool2d(stride)), ('0', conv(cin, planes * 4, 1, bias=False)), ('1', bn(planes * 4))]))
+
+  def forward(self, x):
+    out = torch.relu(self.bn1(self.conv1(x)))
+    out = torch.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(self.avgpool(out)))
+    return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class OpenAIResNet(torch.nn.Module):
+  """`model.py` ModifiedResNet: three-conv stem, four stages, attention pooling."""
+
+  def __init__(self, layers, out, heads, size, width):
+    super().__init__()
+    conv = torch.nn.Conv2d
+    self.conv1, self.bn1 = conv(3, width // 2, 3, stride=2, padding=1, bias=False), torch.nn.BatchNorm2d(width // 2)
+    self.conv2, self.bn2 = conv(width // 2, width // 2, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width // 2)
+    self.conv3, self.bn3 = conv(width // 2, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width)
+    cin = width
+    for i, blocks in enumerate(layers):
+      planes = width * 2 ** i
+      stage = [OpenAIBottleneck(cin, planes, 2 if i else 1)] + [OpenAIBottleneck(planes * 4, planes, 1)
+                                                               for _ in range(blocks - 1)]
+      setattr(self, f'layer{i + 1}', torch.nn.Sequential(*stage))
+      cin = planes * 4
+    self.attnpool = torch.nn.Module()
+    dim = width * 32
+    self.attnpool.positional_embedding = torch.nn.Parameter(torch.randn((size // 32) ** 2 + 1, dim))
+    for name in ('q_proj', 'k_proj', 'v_proj'):
+      setattr(self.attnpool, name, torch.nn.Linear(dim, dim))
+    self.attnpool.c_proj = torch.nn.Linear(dim, out)
+    self.heads = heads
+
+  def forward(self, x):
+    for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+      x = torch.relu(bn(conv(x)))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(torch.nn.functional.avg_pool2d(x, 2)))))
+    x = x.flatten(2).permute(2, 0, 1)  # [HW, B, C]
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + self.attnpool.positional_embedding[:, None]
+    p = self.attnpool
+    out, _ = torch.nn.functional.multi_head_attention_forward(
+        query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.heads,
+        q_proj_weight=p.q_proj.weight, k_proj_weight=p.k_proj.weight, v_proj_weight=p.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([p.q_proj.bias, p.k_proj.bias, p.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=p.c_proj.weight,
+        out_proj_bias=p.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
+    return out[0]
+
+
+def settle_resnet(visual, images):
+  """A randomised CLIP ResNet tower (OpenAI's or open_clip's) made to behave like a trained one:
+  random BatchNorm weights and biases with running statistics measured on `images` (a train-mode
+  pass), and the attention pool's output projection scaled to give features of size about 1.
+  With random statistics a deep ResNet's BatchNorms output little but their biases and the
+  features hardly depend on the image; unscaled, fp32 rounding alone exceeds the tests' 1e-5."""
+  g = torch.Generator().manual_seed(11)
+  norms = [m for m in visual.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  with torch.no_grad():
+    for proj in (visual.attnpool.q_proj, visual.attnpool.k_proj, visual.attnpool.c_proj):
+      proj.weight.mul_(0.2)
+    for m in norms:
+      m.weight.copy_(0.5 + 0.1 * torch.randn(m.weight.shape, generator=g))
+      m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+      m.reset_running_stats()
+      m.momentum = None  # the statistics of the one pass, not a moving average from 0 / 1
+    visual.train()
+    visual(images)
+  return visual.eval()
+
+
+class OpenAICLIP(torch.nn.Module):
+  """`resnet=(layers, width)`: the ModifiedResNet image tower (heads = width * 32 // 64)."""
+
+  def __init__(self, ctx=8, vocab=40, width=16, layers=2, heads=2, embed=12, vision_width=24, vision_heads=2,
+               resnet=None, image_size=32):
+    super().__init__()
+    if resnet is None:
+      self.visual = OpenAIVisual(image_size, 8, vision_width, 2, vision_heads, embed)
+    else:
+      self.visual = OpenAIResNet(resnet[0], embed, resnet[1] * 32 // 64, image_size, resnet[1])
     mask = torch.full((ctx, ctx), float('-inf')).triu_(1)
     self.transformer = torch.nn.Module()
     self.transformer.resblocks = torch.nn.Sequential(*[ResidualAttentionBlock(width, heads, mask) for _ in range(layers)])

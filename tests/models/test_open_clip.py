@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from blip_jax.convert import load_torch
-from blip_jax.testing.torch_refs import assert_close, images, import_open_clip, nhwc, randomize
+from blip_jax.testing.torch_refs import assert_close, images, import_open_clip, nhwc, randomize, settle_resnet
 
 open_clip = import_open_clip()  # installed by the README's test command (pip install --no-deps open_clip_torch)
 
@@ -24,6 +24,8 @@ CONFIGS = {
     'blip-jax-tiny-quickgelu': {**TINY, 'quick_gelu': True},  # as open_clip's ViT-B-32-quickgelu.json
     'blip-jax-tiny-eos': {**TINY, 'text_cfg': {**TINY['text_cfg'], 'pool_type': 'eos', 'eos_id': EOS}},
     'blip-jax-tiny-bpe': {**TINY, 'text_cfg': {**TINY['text_cfg'], 'context_length': 77, 'vocab_size': 49408}},
+    # As open_clip's RN50.json: a ModifiedResNet image tower (patch_size null), 4 pooling heads.
+    'blip-jax-tiny-rn': {**TINY, 'vision_cfg': dict(image_size=64, layers=[2, 1, 1, 2], width=8, patch_size=None)},
 }
 # Padded to the context length (open_clip adds all its position embeddings); 39 = EOT, the largest id.
 IDS = torch.tensor([[1, 5, 9, 39, 0, 0, 0, 0], [1, 4, 7, 6, 8, 39, 0, 0]])
@@ -86,6 +88,27 @@ def test_open_clip_features_and_logits(configs, offline, tmp_path, name, kwargs,
   # The activation is not in the weights: the other one gives other features.
   other, _, _ = load_torch(tmp_path / filename, act={'gelu': 'quick_gelu'}.get(act, 'gelu'), **HEADS)
   assert np.abs(np.asarray(other.embed_text(IDS.numpy())) - ref_text.numpy()).max() > 1e-3
+
+
+def test_open_clip_resnet(configs, offline, tmp_path):
+  """An open_clip ResNet CLIP (its own `ModifiedResNet`, random BatchNorm statistics), saved as its
+  training script does."""
+  torch.manual_seed(0)
+  ref = randomize(open_clip.create_model('blip-jax-tiny-rn', pretrained=None)).eval()
+  assert isinstance(ref.visual, open_clip.modified_resnet.ModifiedResNet)
+  settle_resnet(ref.visual, images(8, size=64, seed=6))
+  torch.save({'epoch': 1, 'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()}}, tmp_path / 'epoch_1.pt')
+  model, cfg, report = load_torch(tmp_path / 'epoch_1.pt', act='gelu', text={'num_heads': 2})
+  assert report.layout == 'openai-resnet' and cfg.vision.layers == (2, 1, 1, 2) and cfg.vision.num_heads == 4
+  x = images(2, size=64, seed=5)
+  with torch.no_grad():
+    ref_image, ref_text = ref.encode_image(x), ref.encode_text(IDS)
+    ref_logits, _ = ref.get_logits(x, IDS)
+  assert ref_image.std(dim=0).mean() > 0.1  # the features depend on the image
+  image, text = model.embed_image(nhwc(x)), model.embed_text(IDS.numpy())
+  assert_close(image, ref_image, 'image features')
+  assert_close(text, ref_text, 'text features')
+  assert_close(model.logits(image, text), ref_logits, 'logits per image')
 
 
 def test_open_clip_eos_pooling(configs, offline, tmp_path):
