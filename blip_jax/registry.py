@@ -23,13 +23,14 @@ from typing import Any
 from flax import nnx
 
 from blip_jax.models import blip, blip2, clip, opt
+from blip_jax.models.rngs import Rngs
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
   name: str
   config_cls: type
-  tasks: Mapping[str, Callable]  # task -> model class, built as cls(config, rngs=nnx.Rngs(seed))
+  tasks: Mapping[str, Callable]  # task -> model class, built as cls(config, rngs=Rngs(seed))
   converter: str  # module of blip_jax.convert with `convert(checkpoint, *, task, strict, seed, **overrides)`
   # Checkpoint keys that identify the family's layouts ((description, key, ...): all keys present).
   signatures: tuple[tuple[str, ...], ...]
@@ -62,7 +63,7 @@ class Family:
     """A randomly initialised model of `task`."""
     if task not in self.tasks:
       raise ValueError(f'{self.name} has no task {task!r}; its tasks are {sorted(self.tasks)}')
-    return self.tasks[task](config, rngs=nnx.Rngs(seed))
+    return self.tasks[task](config, rngs=Rngs(seed))
 
   @property
   def convert_fn(self) -> Callable:

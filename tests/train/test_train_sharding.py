@@ -1,6 +1,7 @@
 """One code path from 1 device to many devices and hosts: the sharded step equals the 1-device step,
 with the data axis alone, with parameters and optimiser state split over an fsdp axis, with SGD
-(equal updates = equal gradients) and with train.py's AdamW.
+(equal updates = equal gradients) and with train.py's AdamW; and the whole train.py on 2 hosts
+trains, checkpoints, evaluates and saves what 1 host does.
 
 Each run is a subprocess (the device count of a JAX process is fixed when it starts): 8
 simulated CPU devices (`--xla_force_host_platform_device_count`), and 2 processes joined by
@@ -109,15 +110,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path, single):
-  port = _free_port()
-  procs = [_run(tmp_path, 1, '--process_id', str(i), '--num_processes', '2', '--port', str(port), wait=False)
-           for i in range(2)]
-  for proc in procs:
-    _finish(proc)
-  _assert_same_run(np.load(tmp_path / 'pretrain.npz'), single)
-
-
 def _train_py(workdir, data_dir, devices, env=(), args=()):
   """`train.py` on the tiny default (ITC + ITM + LM, then retrieval and caption evaluation)."""
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu',
@@ -146,26 +138,46 @@ def _metrics(workdir):
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
+def _train_state(workdir, step):
+  """The orbax checkpoint of `step` as {name: numpy array}: parameters, AdamW moments, momentum
+  encoders, queues and RNG state."""
+  import jax
+  import orbax.checkpoint as ocp
+  path = workdir / 'checkpoints' / str(step) / 'state'
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  leaves = jax.tree_util.tree_flatten_with_path(checkpointer.restore(path, restore_args=as_numpy))[0]
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
 def _assert_same_metrics(a, b):
   keys = [k for k in sorted(a) if not k.startswith('speed/')]  # all but the timings
   assert sorted(a) == sorted(b)
   np.testing.assert_allclose([b[k] for k in keys], [a[k] for k in keys], rtol=1e-5, atol=1e-6, err_msg=keys)
 
 
-def test_train_py_on_two_hosts_equals_one_host(tmp_path):
+def test_train_py_on_two_hosts_equals_one_host(tmp_path, scenes_dir):
   """The whole `train.py` on 2 processes (the README's multi-host launch, over localhost) trains,
-  evaluates and saves exactly what one process with the same 2 devices does: evaluation gathers
-  each batch's rows from both hosts, and the model is written once and loads on one device.
+  evaluates and saves exactly what one process with the same 2 devices does: the checkpointed
+  train state (parameters, AdamW moments, momentum encoders, queues), evaluation (each batch's
+  rows gathered from both hosts), and the model, written once and loading on one device.
   Then the two hosts evaluate that saved model (`eval_only` + `init_from`) to the same numbers."""
   import blip_jax
-  data_dir = tmp_path / 'tfds'
-  _finish(_train_py(tmp_path / 'one', data_dir, 2))  # also builds the dataset for the next runs
+  data_dir = scenes_dir
+  _finish(_train_py(tmp_path / 'one', data_dir, 2))
   outputs = _two_hosts(tmp_path / 'two', data_dir)
   assert 'retrieval/i2t_r1' in outputs[0] and 'eval:' not in outputs[1]  # one report per run
   one, two = _metrics(tmp_path / 'one'), _metrics(tmp_path / 'two')
   assert len(one) == len(two) == 3 and 'retrieval/t2i_r1' in one[-1] and 'caption/bleu4' in one[-1]
   for a, b in zip(one, two):
     _assert_same_metrics(a, b)
+  states = [_train_state(tmp_path / run, 2) for run in ('one', 'two')]
+  assert states[0].keys() == states[1].keys()
+  names = list(states[0])
+  assert any('image_queue' in k for k in names) and any('_m' in k for k in names) and any('opt_state' in k for k in names)
+  for k in names:
+    np.testing.assert_allclose(states[1][k], states[0][k], rtol=1e-5, atol=1e-5, err_msg=k)
   saved = [blip_jax.load(tmp_path / run / 'model')[0] for run in ('one', 'two')]
   weights = [unique_weights(m) for m in saved]
   assert weights[0].keys() == weights[1].keys()
