@@ -165,6 +165,9 @@ def build(root: pathlib.Path) -> dict:
                                 vision_heads=1).eval())
   x, text = torch.zeros(1, 3, 32, 32), torch.zeros(1, 8, dtype=torch.long)
   torch.jit.trace(openai, (x, text)).save(root / 'ViT-B-32.pt')
+  resnet = randomize(OpenAICLIP(ctx=8, vocab=len(WORDS), width=64, layers=1, heads=1, embed=16, resnet=((1, 1, 1, 1), 8),
+                                image_size=64).eval())
+  torch.jit.trace(resnet, (torch.zeros(1, 3, 64, 64), text)).save(root / 'RN50.pt')
   # Converted directories, as `blip-jax-convert` writes them.
   from blip_jax.convert_cli import main as convert
   for out, sources in (('ckpt/blip_retrieval_coco', [root / 'model_base_retrieval_coco.pth', '--tokenizer',

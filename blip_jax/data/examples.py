@@ -51,9 +51,10 @@ class RetrievalIndex:
   image_records: np.ndarray  # [I] dataset record of each image
   text_ids: np.ndarray  # [T, L]
   text_mask: np.ndarray
-  texts: list[str]
+  texts: list[str]  # as the model reads them (`pre_caption`)
   txt2img: np.ndarray  # [T] image index of each text
   img2txt: list[np.ndarray]  # per image, its text indices
+  raw_texts: list[str]  # as the dataset has them (what caption scores compare against)
 
 
 def family(dataset_name: str) -> str:
@@ -172,14 +173,15 @@ def retrieval_index(name: str, records: list[dict], tokenizer, max_length: int, 
                     ) -> RetrievalIndex:
   """Every image once and all its captions (BLIP's `coco_karpathy_caption_eval` layout)."""
   name = family(name)
-  texts, txt2img, img2txt = [], [], []
+  raw, txt2img, img2txt = [], [], []
   for r, rec in enumerate(records):
     _, caps = caption_rows(name, rec)
-    img2txt.append(np.arange(len(texts), len(texts) + len(caps)))
-    texts += [pre_caption(c, max_words) for c in caps]
+    img2txt.append(np.arange(len(raw), len(raw) + len(caps)))
+    raw += caps
     txt2img += [r] * len(caps)
+  texts = [pre_caption(c, max_words) for c in raw]
   ids, mask = tokenizer.encode(texts, max_length)
-  return RetrievalIndex(np.arange(len(records)), ids, mask, texts, np.asarray(txt2img), img2txt)
+  return RetrievalIndex(np.arange(len(records)), ids, mask, texts, np.asarray(txt2img), img2txt, raw)
 
 
 def build(kind: str, name: str, records: list[dict], tokenizer, config, prompt: str = '') -> Examples:

@@ -1,5 +1,6 @@
 """Caption evaluation: caption every eval image (greedy, or beam search with `num_beams > 1`)
-from the model's prompt, and score the captions against the image's references.
+from the model's prompt, and score the captions against the image's references as the dataset
+has them (not `pre_caption`-cleaned), both tokenised as the COCO evaluation does.
 
 Metrics: `bleu1` ... `bleu4`, `rouge_l`, `cider` (and `meteor` with `meteor=True`), in percent
 (`caption_metrics`). `samples` keeps the first `show` (generated, references) pairs to print.
@@ -44,7 +45,7 @@ class Evaluator:
     tok, index = self.ctx.tokenizer, self.index
     ids = over_batches(self.images, lambda b: self.caption(state, b['image']), 'eval captions')
     texts = [tok.strip_prompt(t, self.ctx.prompt) for t in tok.decode(ids)]
-    refs = [[index.texts[t] for t in texts_of] for texts_of in index.img2txt]
+    refs = [[index.raw_texts[t] for t in texts_of] for texts_of in index.img2txt]  # raw, as BLIP scores COCO
     with_meteor = self.meteor
     if with_meteor and not caption_metrics.meteor_available():
       log.warning('evals.caption.meteor: METEOR skipped, it needs `java` on PATH and pycocoevalcap (or METEOR_JAR)')

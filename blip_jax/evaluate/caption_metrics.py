@@ -10,8 +10,10 @@
   `pycocoevalcap` package, or set METEOR_JAR), scored as the COCO evaluation scores it: one corpus
   score from every image's statistics, with `-l en -norm`.
 
-Captions are compared as lowercase words with punctuation removed (what pycocoevalcap's PTB
-tokenizer leaves of already-cleaned captions; the Java tokenizer itself is not needed).
+`caption_metrics` takes captions as written (raw references, as BLIP scores COCO) and tokenises
+them as the COCO evaluation does (`ptb_tokenizer`: Stanford's PTB tokenizer, lower case,
+punctuation dropped) before scoring; the scorers below take those tokenised texts (tokens joined
+by spaces), as pycocoevalcap's do.
 """
 
 from __future__ import annotations
@@ -19,15 +21,10 @@ from __future__ import annotations
 import collections
 import math
 import os
-import re
 import shutil
 import subprocess
 
-_PUNCT = re.compile(r"[^\w\s']")
-
-
-def words(text: str) -> list[str]:
-  return _PUNCT.sub(' ', text.lower()).split()
+from blip_jax.evaluate import ptb_tokenizer
 
 
 def ngrams(tokens: list[str], n: int = 4) -> collections.Counter:
@@ -35,13 +32,13 @@ def ngrams(tokens: list[str], n: int = 4) -> collections.Counter:
 
 
 def bleu(candidates: list[str], references: list[list[str]], n: int = 4) -> list[float]:
-  """Corpus BLEU-1..n of `candidates[i]` against `references[i]`."""
+  """Corpus BLEU-1..n of `candidates[i]` against `references[i]` (tokenised texts)."""
   tiny, small = 1e-15, 1e-9
   test_len = ref_len = 0
   guess, correct = [0] * n, [0] * n
   for cand, refs in zip(candidates, references):
-    c = words(cand)
-    ref_tokens = [words(r) for r in refs]
+    c = cand.split()
+    ref_tokens = [r.split() for r in refs]
     max_counts = collections.Counter()
     for r in ref_tokens:
       max_counts |= ngrams(r, n)
@@ -64,7 +61,7 @@ def bleu(candidates: list[str], references: list[list[str]], n: int = 4) -> list
 
 def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0) -> float:
   """CIDEr-D of the candidates (mean over images)."""
-  refs = [[ngrams(words(r), n) for r in rs] for rs in references]
+  refs = [[ngrams(r.split(), n) for r in rs] for rs in references]
   df = collections.Counter()
   for image_refs in refs:
     df.update(set(g for r in image_refs for g in r))
@@ -93,7 +90,7 @@ def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigm
 
   total = 0.0
   for cand, image_refs in zip(candidates, refs):
-    hyp = vector(ngrams(words(cand), n))
+    hyp = vector(ngrams(cand.split(), n))
     score = [0.0] * n
     for r in image_refs:
       score = [a + b for a, b in zip(score, sim(hyp, vector(r)))]
@@ -113,8 +110,8 @@ def _lcs(a: list[str], b: list[str]) -> int:
 def rouge_l(candidates: list[str], references: list[list[str]], beta: float = 1.2) -> float:
   total = 0.0
   for cand, refs in zip(candidates, references):
-    c = words(cand)
-    lcs = [(_lcs(words(r), c), len(words(r))) for r in refs]
+    c = cand.split()
+    lcs = [(_lcs(r.split(), c), len(r.split())) for r in refs]
     precision = max(n / len(c) for n, _ in lcs) if c else 0.0
     recall = max(n / length for n, length in lcs)
     if precision and recall:
@@ -169,8 +166,9 @@ def meteor(candidates: list[str], references: list[list[str]]) -> float:
     return answer.strip()
 
   try:
-    # Words only: "|||" separates fields in the tool's protocol, and words() drops punctuation.
-    stats = [ask(' ||| '.join(['SCORE', *(' '.join(words(r)) for r in refs), ' '.join(words(cand))]))
+    # "|||" separates fields in the tool's protocol (pycocoevalcap drops it from the texts too).
+    clean = lambda text: ' '.join(text.replace('|||', '').split())
+    stats = [ask(' ||| '.join(['SCORE', *(clean(r) for r in refs), clean(cand)]))
              for cand, refs in zip(candidates, references)]
     ask(' ||| '.join(['EVAL', *stats]))  # the first image's score
     for _ in range(len(stats) - 1):
@@ -183,7 +181,12 @@ def meteor(candidates: list[str], references: list[list[str]]) -> float:
 
 
 def caption_metrics(candidates: list[str], references: list[list[str]], *, with_meteor: bool = False) -> dict[str, float]:
-  """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR if asked), in percent as the papers report them."""
+  """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR if asked), in percent as the papers report them, of
+  captions as written: candidates and references are PTB-tokenised first, as the COCO evaluation
+  does (pycocoevalcap's `COCOEvalCap`)."""
+  tokenized = ptb_tokenizer.tokenize([*candidates, *(r for refs in references for r in refs)])
+  candidates, rest = tokenized[:len(candidates)], iter(tokenized[len(candidates):])
+  references = [[next(rest) for _ in refs] for refs in references]
   b = bleu(candidates, references)
   scores = {**{f'bleu{k + 1}': 100 * v for k, v in enumerate(b)}, 'rouge_l': 100 * rouge_l(candidates, references),
             'cider': 100 * cider_d(candidates, references)}

@@ -62,7 +62,7 @@ def test_batched_rerank_equals_a_per_query_loop():
   mask = (np.arange(length)[None] < rng.integers(3, length + 1, (len(ids), 1))).astype(np.int32)
   txt2img = np.repeat(np.arange(n_images), per_image)
   img2txt = [np.flatnonzero(txt2img == i) for i in range(n_images)]
-  index = ex.RetrievalIndex(np.arange(n_images), ids, mask, [''] * len(ids), txt2img, img2txt)
+  index = ex.RetrievalIndex(np.arange(n_images), ids, mask, [''] * len(ids), txt2img, img2txt, [''] * len(ids))
   ctx = InMemory(index, images, model_of=trainer.model, abstract_model=nnx.eval_shape(build))
   evaluator = retrieval.Evaluator(ctx, batch_size=4, k_test=k)
   got = evaluator.run(state)
