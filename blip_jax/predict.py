@@ -3,6 +3,8 @@
 
   caption   captions (beam search by default, --beams 1 greedy, --sample nucleus), with a confidence
   itm       every image against every --text: ITM match probability and ITC similarity
+  gradcam   every image against every --text: ITM match probability and a Grad-CAM heat map (PNG
+            in --maps DIR) of where the text is found (BLIP ITM models)
   vqa       answers to --question (generated, or the best of --answers FILE)
   classify  zero-shot top classes over --classes a,b,c with prompt --template(s)
   retrieve  --index DIR IMAGES...: embed the images into the index (appends; skips indexed ones);
@@ -22,6 +24,7 @@ import argparse
 import collections
 import concurrent.futures
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -167,6 +170,22 @@ def itm_rows(p, paths, images, args) -> list[dict]:
           for i, path in enumerate(paths) for j, text in enumerate(args.text)]
 
 
+def gradcam_rows(p, paths, images, args) -> list[dict]:
+  """The map of each (image, text) is the mean over the text's words, drawn over the image."""
+  from blip_jax.inference.heatmap import overlay
+  out = p.gradcam(images, args.text, layer=args.layer)
+  os.makedirs(args.maps, exist_ok=True)
+  rows = []
+  for i, (path, image) in enumerate(zip(paths, images)):
+    # The path's hash keeps images of one name in different folders apart.
+    stem = f'{os.path.splitext(os.path.basename(path))[0]}-{hashlib.sha1(path.encode()).hexdigest()[:8]}'
+    for j, text in enumerate(args.text):
+      file = os.path.join(args.maps, f'{stem}-{j}.png')
+      overlay(image, out['maps'][i, j, 1]).save(file)
+      rows.append({'image': path, 'text': text, 'itm': round(float(out['itm'][i, j]), 4), 'map': file})
+  return rows
+
+
 def vqa_rows(p, paths, images, args) -> list[dict]:
   answers = p.vqa(images, args.question, answers=args.answer_list, k_test=args.k_test,
                   mask_question_padding=args.mask_question_padding)
@@ -255,7 +274,7 @@ def query_index(p, args) -> list[dict]:
 
 # ---------------------------------------------------------------------------------- CLI
 
-COMMANDS = {'caption': caption_rows, 'itm': itm_rows, 'vqa': vqa_rows, 'classify': classify_rows}
+COMMANDS = {'caption': caption_rows, 'itm': itm_rows, 'gradcam': gradcam_rows, 'vqa': vqa_rows, 'classify': classify_rows}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -287,6 +306,11 @@ def parser() -> argparse.ArgumentParser:
   i = sub.add_parser('itm', parents=[common], help='image-text matching scores')
   i.add_argument('--text', action='append', default=[])
 
+  g = sub.add_parser('gradcam', parents=[common], help='ITM match probability and Grad-CAM heat maps')
+  g.add_argument('--text', action='append', default=[])
+  g.add_argument('--layer', type=int, default=6, help='the cross-attention layer read (LAVIS: 6 of 12)')
+  g.add_argument('--maps', default='gradcam_maps', help='folder for the heat-map PNGs')
+
   v = sub.add_parser('vqa', parents=[common], help='answer questions about images')
   v.add_argument('--question', action='append', default=[])
   v.add_argument('--answers', help='rank the answers of this file (one per line) instead of generating')
@@ -313,7 +337,7 @@ def _check(args) -> int:
   """Validates the options of `args.command`; returns the rows each image makes."""
   if args.batch_size < 1:
     raise InputError(f'--batch-size must be positive, got {args.batch_size}')
-  if args.command == 'itm':
+  if args.command in ('itm', 'gradcam'):
     return len(_texts('--text', args.text))
   if args.command == 'vqa':
     _texts('--question', args.question)

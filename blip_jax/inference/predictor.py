@@ -210,6 +210,25 @@ class Predictor:
     match, itc = self.map_images('itm', scores, images, ids, mask)
     return {'itm': match, 'itc': itc}
 
+  def gradcam(self, images: Sequence, texts: Sequence[str], *, layer: int = 6) -> dict[str, np.ndarray]:
+    """Grad-CAM of every image with every text (BLIP ITM models, as LAVIS `compute_gradcam` at
+    cross-attention `layer`): {'itm': match probability [N_img, N_txt], 'maps': [N_img, N_txt,
+    L + 1, g, g]} on the model's g x g patch grid, rows 0 the `[ENC]` token, 1 the mean over the
+    text's words, 1 + t token t (`blip_jax.models.gradcam`); `inference.heatmap.overlay` draws one."""
+    self.require('gradcam', 'itm_gradcam')
+    if not texts:
+      raise ValueError('gradcam needs at least one text')
+    ids, mask = self.tokenize(texts)
+
+    def pairs(m, x, ids, mask):
+      b, n = x.shape[0], ids.shape[0]
+      maps, logits = m.itm_gradcam(jnp.repeat(m.image_embeds(x), n, 0), jnp.tile(ids, (b, 1)), jnp.tile(mask, (b, 1)),
+                                   layer=layer)
+      return jax.nn.softmax(logits, -1)[:, 1].reshape(b, n), maps.reshape(b, n, *maps.shape[1:])
+
+    match, maps = self.map_images(f'gradcam-{layer}', pairs, images, ids, mask)  # the layer names the program
+    return {'itm': match, 'maps': maps}
+
   def embed_images(self, images: Sequence) -> np.ndarray:
     """Normalised contrastive image features [N, E] (BLIP-2: [N, queries, E])."""
     self.require('embed_images', 'encode_image')

@@ -97,6 +97,9 @@ class BertSelfAttention(nnx.Module):
     self.key = layers.linear(kv_width, cfg.hidden_size, rngs=rngs, dtype=dtype)
     self.value = layers.linear(kv_width, cfg.hidden_size, rngs=rngs, dtype=dtype)
     self.dropout = nnx.Dropout(cfg.attention_dropout, deterministic=True, rngs=rngs)
+    # While `blip_jax.models.gradcam` reads this attention's probabilities: a callable that
+    # attends in their place, (q, k, v, bias) -> out [B, T, H, D].
+    self.probe = None
 
   def key_value(self, states):
     """Keys and values [B, T, H, D] of `states` (cached once per image for decoding)."""
@@ -119,8 +122,8 @@ class BertSelfAttention(nnx.Module):
       v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)
       cache = {'k': k, 'v': v}
     q = layers.split_heads(self.query(hidden), self.num_heads)
-    out = layers.dot_product_attention(q, k, v, bias, self.dropout)
-    return layers.merge_heads(out), cache
+    attend = self.probe or (lambda q, k, v, bias: layers.dot_product_attention(q, k, v, bias, self.dropout))
+    return layers.merge_heads(attend(q, k, v, bias)), cache
 
 
 class BertSelfOutput(nnx.Module):

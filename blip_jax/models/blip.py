@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from blip_jax.models import layers
+from blip_jax.models import gradcam, layers
 from blip_jax.models.bert import BertConfig, BertLMHeadModel, BertModel, lm_loss
 from blip_jax.models.vit import VisionTransformer, ViTConfig, vit_config
 
@@ -192,6 +192,10 @@ class BlipRetrieval(BlipFeatureExtractor):
     `image_rows[i]` (default i)."""
     states = self.multimodal_embeds(image_embeds, input_ids, attention_mask, image_rows)
     return self.itm_head(states[:, 0]).astype(jnp.float32)
+
+  def itm_gradcam(self, image_embeds, input_ids, attention_mask, *, layer: int = 6):
+    """Grad-CAM maps [B, T + 1, g, g] and ITM logits [B, 2] of text i with image i (`models/gradcam.py`)."""
+    return gradcam.itm_gradcam(self, image_embeds, input_ids, attention_mask, layer=layer)
 
 
 class _Captions:

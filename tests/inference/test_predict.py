@@ -119,6 +119,41 @@ def test_itm_scores_every_image_with_every_text(scenes, pretrained):
   assert len(rows) == 4
 
 
+def test_gradcam_draws_each_texts_map_over_each_image(scenes, pretrained, tmp_path):
+  from blip_jax.inference.heatmap import overlay
+  folder, _, captions = scenes
+  ckpt, model, tok = pretrained
+  texts, paths = captions[:2], [folder / 'scene0.png', folder / 'scene3.png']
+  rows = _run('gradcam', '--checkpoint', ckpt, '--layer', 0, '--maps', tmp_path / 'maps', '--batch-size', 4,
+              '--text', texts[0], '--text', texts[1], *paths)
+  assert len(rows) == 4
+  embeds = model.image_embeds(_pixels(paths))
+  ids, mask = tok.encode([tok.clean(t) for t in texts], 35)
+  for row in rows:
+    i, j = int(row['image'].endswith('scene3.png')), texts.index(row['text'])
+    maps, logits = model.itm_gradcam(embeds[i:i + 1], ids[j:j + 1], mask[j:j + 1], layer=0)
+    assert row['itm'] == pytest.approx(float(jax.nn.softmax(logits)[0, 1]), abs=1e-4)
+    photo = np.asarray(Image.open(paths[i]).convert('RGB'))
+    drawn = np.asarray(Image.open(row['map']), np.int32)
+    assert drawn.shape == photo.shape
+    assert np.abs(drawn - np.asarray(overlay(photo, maps[0, 1]), np.int32)).max() <= 1  # the words' mean map
+    assert np.abs(drawn - photo).max() > 30  # it is drawn
+  assert len({r['map'] for r in rows}) == 4
+
+
+def test_an_overlay_leaves_the_photo_where_the_map_is_lowest():
+  import matplotlib
+
+  from blip_jax.inference.heatmap import overlay
+  photo = np.full((8, 8, 3), 100, np.uint8)
+  cam = np.zeros((2, 2), np.float32)
+  cam[0, 0] = 1.0
+  drawn = np.asarray(overlay(photo, cam, alpha=0.5), np.int32)
+  assert (drawn[6:, 6:] == 100).all()  # the far corner: map 0
+  red = np.asarray(matplotlib.colormaps['jet'](1.0)[:3]) * 255  # the map's top colour
+  np.testing.assert_allclose(drawn[0, 0], 0.5 * 100 + 0.5 * red, atol=1)
+
+
 def test_retrieve_builds_an_index_and_answers_text_and_image_queries(scenes, pretrained, tmp_path):
   folder, _, captions = scenes
   ckpt, model, tok = pretrained
