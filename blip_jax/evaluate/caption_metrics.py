@@ -121,17 +121,7 @@ def rouge_l(candidates: list[str], references: list[list[str]], beta: float = 1.
 
 def meteor_jar() -> str | None:
   """The METEOR 1.5 jar: $METEOR_JAR, else the one `pycocoevalcap` ships; None if neither exists."""
-  jar = os.environ.get('METEOR_JAR')
-  if jar:
-    if not os.path.isfile(jar):
-      raise FileNotFoundError(f'METEOR_JAR={jar} does not exist')
-    return jar
-  try:
-    from pycocoevalcap.meteor import meteor as coco_meteor
-  except ImportError:
-    return None
-  jar = os.path.join(os.path.dirname(coco_meteor.__file__), 'meteor-1.5.jar')
-  return jar if os.path.isfile(jar) else None
+  return ptb_tokenizer.pycocoevalcap_jar('METEOR_JAR', 'meteor', 'meteor-1.5.jar')
 
 
 def meteor_available() -> bool:

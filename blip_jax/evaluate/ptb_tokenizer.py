@@ -13,7 +13,6 @@ whole. `tests/evaluate/test_ptb_tokenizer.py` checks the port against the jar.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -26,20 +25,24 @@ PUNCTUATIONS = frozenset(["''", "'", '``', '`', '-LRB-', '-RRB-', '-LCB-', '-RCB
 _MAIN_CLASS = 'edu.stanford.nlp.process.PTBTokenizer'
 
 
-@functools.cache
-def tokenizer_jar() -> str | None:
-  """$PTB_TOKENIZER_JAR, else the CoreNLP jar `pycocoevalcap` ships; None if neither exists."""
-  jar = os.environ.get('PTB_TOKENIZER_JAR')
+def pycocoevalcap_jar(env_var: str, folder: str, name: str) -> str | None:
+  """$`env_var`, else the jar `name` that `pycocoevalcap` ships in `folder` (its tokenizer's
+  CoreNLP, its METEOR); None if neither exists."""
+  jar = os.environ.get(env_var)
   if jar:
     if not os.path.isfile(jar):
-      raise FileNotFoundError(f'PTB_TOKENIZER_JAR={jar} does not exist')
+      raise FileNotFoundError(f'{env_var}={jar} does not exist')
     return jar
   try:
-    from pycocoevalcap.tokenizer import ptbtokenizer
+    import pycocoevalcap
   except ImportError:
     return None
-  jar = os.path.join(os.path.dirname(ptbtokenizer.__file__), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+  jar = os.path.join(list(pycocoevalcap.__path__)[0], folder, name)
   return jar if os.path.isfile(jar) else None
+
+
+def tokenizer_jar() -> str | None:
+  return pycocoevalcap_jar('PTB_TOKENIZER_JAR', 'tokenizer', 'stanford-corenlp-3.4.1.jar')
 
 
 def jar_available() -> bool:
