@@ -180,8 +180,8 @@ def blip_train(scale: str) -> Workload:
     return as_numpy((loss, params(load_torch(hf.state_dict(), task='retrieval')[0])))
 
   return Workload(f'ITC+ITM step, ViT-B/16 x{layers} + BERT x{layers}, {size}px, batch {batch}', batch,
-                  trainer.step_fn, (state, data), lambda: step(*t_args), jax_result=jax_result,
-                  torch_result=torch_result, carry=lambda out, args: (out[0], args[1]), grad=True,
+                  trainer.step_fn, (state, data, np.int32(-1)), lambda: step(*t_args), jax_result=jax_result,
+                  torch_result=torch_result, carry=lambda out, args: (out[0], *args[1:]), grad=True,
                   torch_attention=attention_of(hf))
 
 

@@ -85,6 +85,16 @@ def _load_init(trainer, state, path):
   return trainer.with_model(state, model)
 
 
+def _diverged(step, metrics, manager) -> TrainingDiverged:
+  bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+  latest = manager.latest_step()
+  return TrainingDiverged(
+      f'step {step}: non-finite {", ".join(bad) or "loss"} '
+      f'({", ".join(f"{k}={metrics[k]}" for k in bad)}); stopped before updating the model. '
+      f'No checkpoint was written from this step; the last good one is '
+      f'{"step " + str(latest) if latest is not None else "none"} in {manager.directory}.')
+
+
 def _alpha_fn(config, steps_per_epoch):
   ramp, alpha = config.alpha_ramp_epochs * steps_per_epoch, config.alpha
   return lambda step: alpha * jnp.minimum(1.0, step / max(ramp, 1))
@@ -178,47 +188,64 @@ def _run(config, workdir):
   return metrics
 
 
+AHEAD = 2  # steps queued behind the one the device runs: it never idles, and the batches held stay few
+
+
 def _train(config, trainer, loader, state, start, num_steps, manager, writer, evaluators, lr_fn, accum):
+  """The step loop. The host waits for no step but the one `AHEAD` steps back: metrics stay on
+  the device and are fetched, in one transfer, only where the host needs them (log, checkpoint and
+  eval steps, and the end); a divergence found there stops the run at the step that diverged,
+  whose state the steps after it leave unchanged (`Trainer._step`)."""
   every_eval, every_ckpt, every_log = config.eval_every_steps, config.checkpoint_every_steps, config.log_every_steps
   bar = tqdm.tqdm(total=num_steps, initial=start, desc='train', dynamic_ncols=True,
                   disable=not distributed.is_primary())
   timed_from, timed_examples = None, 0
-  window = []
+  pending, window = [], []  # (step, metrics on the device) not yet fetched; fetched metrics not yet logged
+
+  def fetch():
+    for (step, _), metrics in zip(pending, jax.device_get([m for _, m in pending])):
+      finite, applied = metrics.pop('finite'), metrics.pop('applied')
+      if not finite:
+        checkpoints.finish(manager)
+        raise _diverged(step, metrics, manager)
+      if not applied:  # the loop and the state disagree on the step number: a bug, never silence
+        raise RuntimeError(f'step {step}: the train state is at another step; the update was not applied')
+      window.append(metrics)
+    pending.clear()
+
   for step, batch in zip(range(start, num_steps), loader.iterate(start, num_steps - start)):
-    state, metrics = trainer.step(state, batch)
-    metrics = jax.device_get(metrics)
-    if not metrics.pop('finite'):
-      bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-      latest = manager.latest_step()
-      checkpoints.finish(manager)
-      raise TrainingDiverged(
-          f'step {step}: non-finite {", ".join(bad) or "loss"} '
-          f'({", ".join(f"{k}={metrics[k]}" for k in bad)}); stopped before updating the model. '
-          f'No checkpoint was written from this step; the last good one is '
-          f'{"step " + str(latest) if latest is not None else "none"} in {manager.directory}.')
+    state, metrics = trainer.step(state, batch, step)
+    pending.append((step, metrics))
+    if len(pending) > AHEAD:  # at most AHEAD steps (and their batches) queued on the device
+      pending[-AHEAD - 1][1]['finite'].block_until_ready()
     if timed_from is None:
       timed_from = time.perf_counter()  # the first step compiles: speed is measured after it
     else:
       timed_examples += config.batch_size
-    window.append(metrics)
     done = step + 1
-    rate = timed_examples / max(time.perf_counter() - timed_from, 1e-9) if timed_examples else 0.0
-    lr = float(lr_fn(jnp.asarray(step // accum)))  # the lr this step's (accumulated) update uses
-    bar.set_postfix({k: f'{v:.3f}' for k, v in metrics.items() if k not in ('alpha', 'grad_norm')} |
-                    {'lr': f'{lr:.2e}', 'ex/s': f'{rate:.1f}'}, refresh=False)
     bar.update(1)
-    if done % every_log == 0 or done == num_steps:
+    log_now = done % every_log == 0 or done == num_steps
+    save_now = every_ckpt and done % every_ckpt == 0 and done < num_steps
+    eval_now = every_eval and done % every_eval == 0 and done < num_steps
+    if log_now or save_now or eval_now:
+      fetch()
+    if log_now:
+      rate = timed_examples / max(time.perf_counter() - timed_from, 1e-9) if timed_examples else 0.0
+      lr = float(lr_fn(jnp.asarray(step // accum)))  # the lr this step's (accumulated) update used
       mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-      window = []
+      window.clear()
+      bar.set_postfix({k: f'{v:.3f}' for k, v in mean.items() if k not in ('alpha', 'grad_norm')} |
+                      {'lr': f'{lr:.2e}', 'ex/s': f'{rate:.1f}'})
       writer.write(done, {**{f'train/{k}': v for k, v in mean.items() if k not in ('grad_norm', 'alpha')},
                           'opt/lr': lr, 'opt/grad_norm': mean['grad_norm'], 'opt/alpha': mean['alpha'],
                           'speed/examples_per_s': rate})
-    if every_ckpt and done % every_ckpt == 0 and done < num_steps:
+    if save_now:
       checkpoints.save(manager, done, state, loader.state(done))
-    if every_eval and done % every_eval == 0 and done < num_steps:
+    if eval_now:
       metrics = evaluate.run(evaluators, state)
       writer.write(done, metrics)
       bar.write(f'step {done} eval: {_format(metrics)}')
+  fetch()
   bar.close()
   checkpoints.save(manager, num_steps, state, loader.state(num_steps))
   checkpoints.finish(manager)

@@ -83,8 +83,9 @@ class Trainer:
     self.is_key = jax.tree.map(lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key), rest)
     self.state_shapes = jax.eval_shape(self._init)
     self.state_sharding = jax.tree.map(lambda x: leaf_sharding(mesh, x, fsdp_min_size), self.state_shapes)
-    self.step_fn = jax.jit(self._step, in_shardings=(self.state_sharding, batch_sharding(mesh)),
-                           out_shardings=(self.state_sharding, NamedSharding(mesh, P())), donate_argnums=0)
+    replicated = NamedSharding(mesh, P())
+    self.step_fn = jax.jit(self._step, in_shardings=(self.state_sharding, batch_sharding(mesh), replicated),
+                           out_shardings=(self.state_sharding, replicated), donate_argnums=0)
 
   # ------------------------------------------------------------------------------ state
   # Typed PRNG keys (the models' dropout streams) are kept as raw key data, so that every
@@ -118,7 +119,7 @@ class Trainer:
     return jax.jit(replace, out_shardings=self.state_sharding)(state, params, rest)
 
   # ------------------------------------------------------------------------------- step
-  def _step(self, state, batch):
+  def _step(self, state, batch, index):
     rng = jax.random.fold_in(state['rng'], state['step'])
     alpha = self.alpha_fn(state['step'])
     rest = state['rest']
@@ -144,13 +145,18 @@ class Trainer:
     params, new_rest = self._split(model)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step leaves the state as it was (its step count too), and so does every step
+    # after it, whose `index` the state then no longer has: the loop, which reads the metrics only
+    # at its log steps, stops with the state from before the divergence and nothing poisoned kept.
+    applied = finite & ((index < 0) | (state['step'] == index))
     new = {'params': params, 'rest': new_rest, 'opt_state': opt_state, 'step': state['step'] + 1,
            'rng': state['rng']}
-    # A non-finite step leaves the state as it was: the loop stops and nothing poisoned is kept.
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    new = jax.tree.map(lambda a, b: jnp.where(applied, a, b), new, state)
     metrics = {'loss': loss, **terms, 'grad_norm': grad_norm, 'alpha': jnp.asarray(alpha, jnp.float32),
-               'finite': finite}
+               'finite': finite, 'applied': applied}
     return new, metrics
 
-  def step(self, state, batch):
-    return self.step_fn(state, batch)
+  def step(self, state, batch, index: int = -1):
+    """One step; `index` (the loop's step number, -1: unchecked) must be the state's own step
+    count for the step to apply (see `_step`). Metrics stay on the device until fetched."""
+    return self.step_fn(state, batch, np.int32(index))

@@ -243,6 +243,32 @@ def test_slow_starters_fit_a_repeated_synthetic_scenes_batch(name, data_dir):
   assert last < (0.9 if name == 'nlvr' else 1.0) * first, (name, first, last)
 
 
+def test_the_steps_after_a_non_finite_one_leave_the_state_as_it_was(data_dir):
+  """What lets the loop read the metrics only at its log steps (`Trainer._step`'s `index`)."""
+  config = _tiny('caption', data_dir)
+  objective = objectives.get('caption')
+  family = registry.get(objective.family)
+  builder = datasets.builder(config.data)
+  tok = datasets.tokenizer(config.data, builder, with_enc=family.with_enc)
+  table = ex.build(objective.examples, builder.name, ex.read_text_fields(builder, 'train'), tok, config.data)
+  batch = BatchLoader(table, builder.as_data_source('train'), image_function('blip_eval', 32), 8).load(0)
+  batch.pop('valid')
+  model_config = loop.model_config(config, objective, tok)
+  trainer = state_lib.Trainer(objective, lambda: family.build(objective.task, model_config), optax.adamw(1e-3),
+                              state_lib.make_mesh())
+  state = trainer.init()
+  state, good = trainer.step(state, batch, 0)
+  before = jax.device_get(state)
+  poisoned = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+  state, bad = trainer.step(state, poisoned, 1)
+  state, after = trainer.step(state, batch, 2)  # a good batch, but the state is still at step 1
+  assert bool(good['applied']) and not bool(bad['finite']) and bool(after['finite']) and not bool(after['applied'])
+  for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)
+  state, again = trainer.step(state, batch, 1)  # at the state's own step it applies again
+  assert bool(again['applied']) and int(state['step']) == 2
+
+
 def _train_py(workdir, config, *overrides):
   """train.py in a subprocess; its output goes to a file (a pipe nobody reads would fill and stall it)."""
   workdir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +337,11 @@ def test_train_py_killed_then_resumed_equals_a_straight_run(data_dir, tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-def test_nan_in_the_batch_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize('log_every', [1, 3])
+def test_nan_in_the_batch_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch,
+                                                                                  log_every):
+  """With log_every=3 the loop reads the metrics of step 4 only after step 5 ran: step 5 must have
+  left the state as step 4 left it (unchanged), and the run still names step 4."""
   load = BatchLoader.load
 
   def poisoned(self, step):
@@ -321,7 +351,8 @@ def test_nan_in_the_batch_stops_with_the_step_and_keeps_the_last_good_checkpoint
     return batch
 
   monkeypatch.setattr(BatchLoader, 'load', poisoned)
-  config = _tiny('default', data_dir, num_steps=8, checkpoint_every_steps=2, keep_checkpoints=5)
+  config = _tiny('default', data_dir, num_steps=8, checkpoint_every_steps=2, keep_checkpoints=5,
+                 log_every_steps=log_every)
   with pytest.raises(loop.TrainingDiverged, match=r'step 4: non-finite .*loss.* last good one is step 4'):
     loop.train_and_evaluate(config, str(tmp_path))
   manager = ocp.CheckpointManager(tmp_path / 'checkpoints')
