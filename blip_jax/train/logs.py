@@ -74,7 +74,7 @@ class MetricWriter:
     os.replace(tmp, self.path)
 
   def plot(self) -> str | None:
-    """Every logged series against the step, one panel per prefix, saved as a PNG."""
+    """Every logged series against the step (`curve_panels`), saved as a PNG."""
     if not self.enabled or not os.path.exists(self.path):
       return None
     import matplotlib
@@ -87,19 +87,46 @@ class MetricWriter:
         for k, v in row.items():
           if k != 'step':
             series.setdefault(k, []).append((row['step'], v))
-    panels: dict[str, list[str]] = {}
-    for name in series:
-      panels.setdefault(name.split('/')[0] if '/' in name else 'train', []).append(name)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-    for ax, (panel, names) in zip(axes[0], sorted(panels.items())):
+    panels = curve_panels(series)
+    last = max(step for points in series.values() for step, _ in points)
+    cols = min(len(panels), 4)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, (panel, names) in zip(axes.flat, panels.items()):
       for name in names:
         steps, values = zip(*series[name])
-        ax.plot(steps, values, label=name, marker='.' if len(steps) < 20 else None)
+        ax.plot(steps, values, label=name.partition('/')[2] or name, marker='.' if len(steps) < 20 else None)
       ax.set_title(panel)
       ax.set_xlabel('step')
-      ax.legend(fontsize=7)
+      ax.set_xlim(0, last * 1.03 or 1)  # every panel on the run's steps (an evaluation at the end sits at the end)
+      if len(names) > 1:
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+      ax.axis('off')
     fig.tight_layout()
     out = os.path.join(self.workdir, CURVE_FILE)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def curve_panels(names) -> dict[str, list[str]]:
+  """Panel title -> the series it draws, in drawing order: the total loss, then each loss term and
+  each optimiser value (lr, gradient norm, alpha) alone, so none is flattened by another's scale;
+  then each evaluator's metrics together (`retrieval`, `caption`, ...: percent), and the speed."""
+  panels: dict[str, list[str]] = {}
+  for name in names:
+    prefix = name.partition('/')[0]
+    panels.setdefault(name if prefix in ('train', 'opt') or '/' not in name else prefix, []).append(name)
+
+  def order(title):
+    if title == 'train/loss':
+      return 0
+    if title.startswith('train/'):
+      return 1
+    if title == 'opt/lr':
+      return 2
+    if title.startswith('opt/'):
+      return 3
+    return 5 if title == 'speed' else 4  # evaluators before the speed
+  return dict(sorted(panels.items(), key=lambda item: (order(item[0]), item[0])))
