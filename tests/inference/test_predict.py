@@ -129,14 +129,15 @@ def test_gradcam_draws_each_texts_map_over_each_image(scenes, pretrained, tmp_pa
   assert len(rows) == 4
   embeds = model.image_embeds(_pixels(paths))
   ids, mask = tok.encode([tok.clean(t) for t in texts], 35)
-  for row in rows:
-    i, j = int(row['image'].endswith('scene3.png')), texts.index(row['text'])
-    maps, logits = model.itm_gradcam(embeds[i:i + 1], ids[j:j + 1], mask[j:j + 1], layer=0)
-    assert row['itm'] == pytest.approx(float(jax.nn.softmax(logits)[0, 1]), abs=1e-4)
+  pairs = [(int(row['image'].endswith('scene3.png')), texts.index(row['text'])) for row in rows]
+  images_of, texts_of = (np.asarray(p) for p in zip(*pairs))
+  maps, logits = model.itm_gradcam(embeds[images_of], ids[texts_of], mask[texts_of], layer=0)  # every pair at once
+  for k, (row, (i, _)) in enumerate(zip(rows, pairs)):
+    assert row['itm'] == pytest.approx(float(jax.nn.softmax(logits)[k, 1]), abs=1e-4)
     photo = np.asarray(Image.open(paths[i]).convert('RGB'))
     drawn = np.asarray(Image.open(row['map']), np.int32)
     assert drawn.shape == photo.shape
-    assert np.abs(drawn - np.asarray(overlay(photo, maps[0, 1]), np.int32)).max() <= 1  # the words' mean map
+    assert np.abs(drawn - np.asarray(overlay(photo, maps[k, 1]), np.int32)).max() <= 1  # the words' mean map
     assert np.abs(drawn - photo).max() > 30  # it is drawn
   assert len({r['map'] for r in rows}) == 4
 

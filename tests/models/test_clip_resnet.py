@@ -62,9 +62,15 @@ def test_running_statistics_are_read(reference):
   assert np.abs(np.asarray(model.embed_image(nhwc(x))) - ref_image.numpy()).max() > 1e-2
 
 
-def test_converted_resnet_saves_and_loads(reference, tmp_path):
+@pytest.fixture(scope='module')
+def converted(reference):
+  model, cfg, _ = load_torch(reference[0].state_dict(), act='quick_gelu', text={'num_heads': 2})
+  return model, cfg
+
+
+def test_converted_resnet_saves_and_loads(reference, converted, tmp_path):
   ref, x = reference
-  model, cfg, _ = load_torch(ref.state_dict(), act='quick_gelu', text={'num_heads': 2})
+  model, cfg = converted
   model_io.save(tmp_path / 'rn', model, cfg, task='contrastive')
   loaded, loaded_cfg = model_io.load(tmp_path / 'rn')
   assert loaded_cfg == cfg  # the ResNet config is rebuilt as one, not as a ViT config
@@ -73,9 +79,9 @@ def test_converted_resnet_saves_and_loads(reference, tmp_path):
   assert_close(loaded.embed_image(nhwc(x)), ref_image, 'image features after save / load')
 
 
-def test_wrong_image_size_is_refused(reference):
-  ref, x = reference
-  model, _, _ = load_torch(ref.state_dict(), act='quick_gelu', text={'num_heads': 2})
+def test_wrong_image_size_is_refused(reference, converted):
+  _, x = reference
+  model, _ = converted
   with pytest.raises(ValueError, match=rf'expected images of shape \[B, {SIZE}, {SIZE}, 3\]'):
     model.embed_image(nhwc(x[:, :, :32, :32]))
 
