@@ -222,8 +222,8 @@ def _frozen_weights_never_changed(config, workdir, model, model_cfg, frozen):
   assert np.mean(changed) > 0.9  # the Q-Former (and projections) did train
 
 
-@pytest.mark.parametrize('name', SLOW_STARTERS)
-def test_slow_starters_fit_a_repeated_synthetic_scenes_batch(name, data_dir):
+def _trainer_and_batch(name, data_dir):
+  """The tiny `name` config's trainer (AdamW 1e-3, one device) and its first training batch."""
   config = _tiny(name, data_dir)
   objective = objectives.get(name)
   family = registry.get(objective.family)
@@ -235,6 +235,12 @@ def test_slow_starters_fit_a_repeated_synthetic_scenes_batch(name, data_dir):
   model_config = loop.model_config(config, objective, tok)
   trainer = state_lib.Trainer(objective, lambda: family.build(objective.task, model_config), optax.adamw(1e-3),
                               state_lib.make_mesh())
+  return trainer, batch
+
+
+@pytest.mark.parametrize('name', SLOW_STARTERS)
+def test_slow_starters_fit_a_repeated_synthetic_scenes_batch(name, data_dir):
+  trainer, batch = _trainer_and_batch(name, data_dir)
   state, losses = trainer.init(), []
   for _ in range(30):
     state, metrics = trainer.step(state, batch)
@@ -245,17 +251,7 @@ def test_slow_starters_fit_a_repeated_synthetic_scenes_batch(name, data_dir):
 
 def test_the_steps_after_a_non_finite_one_leave_the_state_as_it_was(data_dir):
   """What lets the loop read the metrics only at its log steps (`Trainer._step`'s `index`)."""
-  config = _tiny('caption', data_dir)
-  objective = objectives.get('caption')
-  family = registry.get(objective.family)
-  builder = datasets.builder(config.data)
-  tok = datasets.tokenizer(config.data, builder, with_enc=family.with_enc)
-  table = ex.build(objective.examples, builder.name, ex.read_text_fields(builder, 'train'), tok, config.data)
-  batch = BatchLoader(table, builder.as_data_source('train'), image_function('blip_eval', 32), 8).load(0)
-  batch.pop('valid')
-  model_config = loop.model_config(config, objective, tok)
-  trainer = state_lib.Trainer(objective, lambda: family.build(objective.task, model_config), optax.adamw(1e-3),
-                              state_lib.make_mesh())
+  trainer, batch = _trainer_and_batch('caption', data_dir)
   state = trainer.init()
   state, good = trainer.step(state, batch, 0)
   before = jax.device_get(state)
